@@ -1,0 +1,41 @@
+"""Engine configuration: one typed place for every knob of a FlowServe engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # an HF folder; None: the embedded SmolLM2
+    dtype: str = "bfloat16"  # bf16 is the speed default on CPU; float32 for exact comparisons
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's max_position_embeddings, capped by the KV pool
+    block_size: int = 16
+    kv_cache_memory: int = 1 << 30  # bytes for the KV pool
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests use it to force preemption)
+    enable_chunked_prefill: bool = True
+    async_scheduling: bool = True
+    num_threads: int | None = None  # torch intra-op threads; None: torch's default (all cores)
+
+    def torch_dtype(self) -> torch.dtype:
+        try:
+            return DTYPES[self.dtype]
+        except KeyError:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}") from None
+
+    def model_path(self) -> Path:
+        if self.model is not None:
+            path = Path(self.model).expanduser()
+            if not (path / "config.json").exists():
+                raise FileNotFoundError(f"{path} is not a model folder (no config.json); give a local HF folder")
+            return path
+        from deepflow.weights.embedded import prepare_embedded_model
+
+        return prepare_embedded_model()

@@ -1,0 +1,172 @@
+"""Executes scheduler decisions on the model: a stateful worker that receives diffs (vLLM v1 style).
+
+The runner keeps each live request's token ids, block table and sampling state. A `SchedulerOutput` only
+says which requests arrived, which blocks they gained and how many tokens each computes this step; the
+token ids themselves come from the runner's own state, which is what lets the scheduler plan step N+1
+before step N's sampled ids are known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deepflow.engine.models.llama import AttentionMetadata, LlamaModel, load_model
+from deepflow.engine.request import Logprobs, ModelRunnerOutput, NewRequestData, SchedulerOutput
+from deepflow.engine.sampler import RequestSamplingState, Sampler, make_state
+
+_MASKED = float("-inf")
+
+
+@dataclass
+class CachedRequestState:
+    token_ids: list[int]  # prompt + output
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling: RequestSamplingState
+
+
+def kv_bytes_per_block(model: LlamaModel, block_size: int) -> int:
+    args = model.args
+    element = torch.empty((), dtype=model.dtype).element_size()
+    return 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * element
+
+
+class ModelRunner:
+    def __init__(
+        self, model_path: str | Path, dtype: torch.dtype, block_size: int, num_blocks: int | None,
+        kv_cache_memory: int,
+    ) -> None:
+        self.model = load_model(model_path, dtype)
+        self.block_size = block_size
+        self.num_blocks = num_blocks or max(kv_cache_memory // kv_bytes_per_block(self.model, block_size), 1)
+        args = self.model.args
+        shape = (self.num_blocks * block_size, args.num_kv_heads, args.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(args.num_layers)
+        ]
+        self.sampler = Sampler()
+        self.requests: dict[str, CachedRequestState] = {}
+        self._parked: dict[str, RequestSamplingState] = {}  # preempted: KV gone, sampling state kept
+
+    # ---- state diffs -------------------------------------------------------------------------------
+    def _apply(self, out: SchedulerOutput) -> None:
+        for request_id in out.preempted_request_ids:
+            state = self.requests.pop(request_id, None)
+            if state is not None:
+                self._parked[request_id] = state.sampling
+        for request_id in out.finished_request_ids:
+            self.requests.pop(request_id, None)
+            self._parked.pop(request_id, None)
+        for new in out.new_requests:
+            self.requests[new.request_id] = self._new_state(new)
+        for cached in out.cached_requests:
+            self.requests[cached.request_id].block_ids.extend(cached.new_block_ids)
+
+    def _new_state(self, new: NewRequestData) -> CachedRequestState:
+        sampling = self._parked.pop(new.request_id, None)
+        if sampling is None:
+            sampling = make_state(new.sampling_params, new.prompt_token_ids, frozenset(new.eos_token_ids))
+            sampling.output_token_ids.extend(new.output_token_ids)
+        return CachedRequestState(
+            token_ids=new.prompt_token_ids + new.output_token_ids,
+            block_ids=list(new.block_ids),
+            num_computed_tokens=new.num_computed_tokens,
+            sampling=sampling,
+        )
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        self._apply(out)
+        if out.is_empty:
+            return ModelRunnerOutput(request_ids=[], sampled_token_ids=[], logprobs=[])
+        # Decodes (one token) first: they share one batched attention call; prefill chunks follow.
+        order = sorted(out.num_scheduled_tokens.items(), key=lambda item: item[1] != 1)
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        logits_indices: list[int] = []
+        sampling_ids: list[str] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefill_ranges: list[tuple[int, int]] = []
+        prefill_ctx: list[tuple[list[int], int, int]] = []  # (block ids, start, end) of each chunk
+        bs = self.block_size
+        for request_id, num_new in order:
+            state = self.requests[request_id]
+            start = state.num_computed_tokens
+            end = start + num_new
+            first = len(input_ids)
+            input_ids.extend(state.token_ids[start:end])
+            positions.extend(range(start, end))
+            blocks = state.block_ids
+            slot_mapping.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            if num_new == 1:
+                decode_tables.append(blocks)
+                decode_lens.append(end)
+            else:
+                prefill_ranges.append((first, first + num_new))
+                prefill_ctx.append((blocks, start, end))
+            if end == len(state.token_ids):
+                logits_indices.append(len(input_ids) - 1)
+                sampling_ids.append(request_id)
+
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long),
+            num_decodes=len(decode_lens),
+            decode_slots=None,
+            decode_mask=None,
+            prefill_ranges=prefill_ranges,
+            prefill_slots=[],
+            prefill_masks=[],
+        )
+        if decode_lens:
+            meta.decode_slots, meta.decode_mask = self._decode_slots(decode_tables, decode_lens)
+        for blocks, start, end in prefill_ctx:
+            if start == 0:
+                meta.prefill_slots.append(None)
+                meta.prefill_masks.append(None)
+                continue
+            pos = torch.arange(end)
+            table = torch.tensor(blocks, dtype=torch.long)
+            meta.prefill_slots.append(table[pos // bs] * bs + pos % bs)
+            query_pos = torch.arange(start, end).unsqueeze(1)
+            meta.prefill_masks.append(pos.unsqueeze(0) <= query_pos)
+
+        logits = self.model(
+            torch.tensor(input_ids, dtype=torch.long),
+            torch.tensor(positions, dtype=torch.long),
+            self.kv_caches,
+            meta,
+            torch.tensor(logits_indices, dtype=torch.long),
+        )
+        for request_id, num_new in order:
+            self.requests[request_id].num_computed_tokens += num_new
+        if not sampling_ids:
+            return ModelRunnerOutput(request_ids=[], sampled_token_ids=[], logprobs=[])
+        states = [self.requests[r].sampling for r in sampling_ids]
+        sampled = self.sampler(logits, states)
+        for request_id, token_id in zip(sampling_ids, sampled.token_ids):
+            state = self.requests[request_id]
+            state.token_ids.append(token_id)
+            state.sampling.output_token_ids.append(token_id)
+        logprobs = [
+            None if lp is None else Logprobs(lp.token_id, lp.logprob, lp.rank, lp.top_ids, lp.top_logprobs)
+            for lp in sampled.logprobs
+        ]
+        return ModelRunnerOutput(request_ids=sampling_ids, sampled_token_ids=sampled.token_ids, logprobs=logprobs)
+
+    def _decode_slots(self, tables: list[list[int]], lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        bs = self.block_size
+        max_len = max(lens)
+        width = -(-max_len // bs)
+        padded = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables], dtype=torch.long)
+        pos = torch.arange(max_len)
+        slots = padded[:, pos // bs] * bs + pos % bs
+        lengths = torch.tensor(lens, dtype=torch.long).unsqueeze(1)
+        mask = torch.zeros(len(lens), max_len, dtype=torch.float32)
+        mask.masked_fill_(pos.unsqueeze(0) >= lengths, _MASKED)
+        # [D, 1, 1, L]: broadcast over KV heads and the query group.
+        return slots, mask.view(len(lens), 1, 1, max_len)

@@ -1,0 +1,343 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) over a paged KV cache, in plain PyTorch.
+
+One file, gpt-fast style: `ModelArgs` is read from an HF `config.json`, weights are read with safetensors'
+mmap and fused at load time (q/k/v into one projection, gate/up into one), and attention reads and writes
+the paged KV cache through the `AttentionMetadata` the model runner builds once per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    rope_scaling: dict[str, Any] | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
+        arch = (config.get("architectures") or ["LlamaForCausalLM"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if config.get("sliding_window") and config.get("use_sliding_window", arch == "MistralForCausalLM"):
+            # A window smaller than the context changes attention; we do not implement it, so refuse loudly.
+            if config["sliding_window"] < config.get("max_position_embeddings", 0):
+                raise ValueError("sliding-window attention is not supported")
+        num_heads = config["num_attention_heads"]
+        # transformers >= 5 writes `rope_parameters` (theta inside); older folders `rope_theta` + `rope_scaling`.
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        rope_theta = rope.pop("rope_theta", None) or config.get("rope_theta", 10000.0)
+        if rope.get("rope_type", rope.get("type", "default")) == "default":
+            rope = {}
+        eos = config.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=config.get("num_key_value_heads") or num_heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // num_heads,
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=config.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
+            rope_scaling=rope or None,
+            eos_token_ids=eos_ids,
+        )
+
+    @classmethod
+    def from_folder(cls, path: str | Path) -> ModelArgs:
+        return cls.from_hf_config(json.loads((Path(path) / "config.json").read_text()))
+
+
+@dataclass
+class AttentionMetadata:
+    """How this step's flat token batch maps onto sequences and KV slots (built once, used by every layer).
+
+    Tokens are laid out decodes first (one token each), then prefill chunks. `slot_mapping[t]` is where token
+    t's K/V are written. Decodes attend over `decode_slots` [D, Lmax] with an additive `decode_mask`;
+    each prefill chunk i covers tokens `prefill_ranges[i]` and attends over `prefill_slots[i]` (None when the
+    chunk is the whole sequence so far, so its own K/V are used directly with a causal mask).
+    """
+
+    slot_mapping: torch.Tensor
+    num_decodes: int
+    decode_slots: torch.Tensor | None
+    decode_mask: torch.Tensor | None
+    prefill_ranges: list[tuple[int, int]]
+    prefill_slots: list[torch.Tensor | None]
+    prefill_masks: list[torch.Tensor | None]
+
+
+def _rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = args.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        factor = scaling["factor"]
+        low_freq_factor = scaling["low_freq_factor"]
+        high_freq_factor = scaling["high_freq_factor"]
+        old_context_len = scaling["original_max_position_embeddings"]
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_scaling type {rope_type!r} (supported: default, linear, llama3)")
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position, computed in fp32 once (as HF does per call) and cast to the dtype."""
+
+    def __init__(self, args: ModelArgs, dtype: torch.dtype) -> None:
+        super().__init__()
+        inv_freq = _rope_inv_freq(args)
+        positions = torch.arange(args.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
+        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # HF order of operations (normalize in fp32, cast, then scale) so fp32 results match bit for bit.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.num_heads = args.num_heads
+        self.num_kv_heads = args.num_kv_heads
+        self.head_dim = args.head_dim
+        self.group = args.num_heads // args.num_kv_heads
+        self.q_size = args.num_heads * args.head_dim
+        self.kv_size = args.num_kv_heads * args.head_dim
+        self.scale = args.head_dim**-0.5
+        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        k_cache, v_cache = kv_cache
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+
+        out = torch.empty_like(q)
+        d = meta.num_decodes
+        if d:
+            out[:d] = self._decode(q[:d], k_cache, v_cache, meta)
+        for (start, end), slots, mask in zip(meta.prefill_ranges, meta.prefill_slots, meta.prefill_masks):
+            if slots is None:
+                keys, values = k[start:end], v[start:end]
+            else:
+                keys, values = k_cache[slots], v_cache[slots]
+            out[start:end] = self._prefill(q[start:end], keys, values, mask)
+        return self.o_proj(out.view(num_tokens, self.q_size))
+
+    def _decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        # One query token per sequence: the heads sharing a KV head form a [group, head_dim] query block,
+        # so plain batched matmuls serve GQA without repeating K/V.
+        assert meta.decode_slots is not None and meta.decode_mask is not None
+        d, lmax = meta.decode_slots.shape
+        keys = k_cache[meta.decode_slots].permute(0, 2, 3, 1)  # [D, KVH, hd, L]
+        values = v_cache[meta.decode_slots].transpose(1, 2)  # [D, KVH, L, hd]
+        qg = q.view(d, self.num_kv_heads, self.group, self.head_dim)
+        scores = torch.matmul(qg, keys).float()
+        scores = scores * self.scale + meta.decode_mask
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        return torch.matmul(probs, values).reshape(d, self.num_heads, self.head_dim)
+
+    def _prefill(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        # [T, H, hd] -> [1, H, T, hd]; SDPA handles GQA and the causal mask (offset by the cached context).
+        qh = q.transpose(0, 1).unsqueeze(0)
+        kh = keys.transpose(0, 1).unsqueeze(0)
+        vh = values.transpose(0, 1).unsqueeze(0)
+        if mask is None:
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return o.squeeze(0).transpose(0, 1)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.intermediate_size = args.intermediate_size
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, kv_cache, meta):  # type: ignore[no-untyped-def]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Token ids in, last-position logits out; KV lives in caches owned by the model runner."""
+
+    def __init__(self, args: ModelArgs, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.args = args
+        self.dtype = dtype
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(args, dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        logits_indices: torch.Tensor,
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, kv_cache, meta)
+        # Only the positions that sample pay for the final norm and the LM head.
+        x = self.norm(x[logits_indices])
+        return self.lm_head(x).float()
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+    return files
+
+
+def load_model(folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> LlamaModel:
+    """Build the model from an HF folder, reading tensors through safetensors' mmap and fusing projections."""
+    folder = Path(folder)
+    args = ModelArgs.from_folder(folder)
+    with torch.device("meta"):
+        model = LlamaModel(args, dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    for path in _weight_files(folder):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if "rotary_emb.inv_freq" in name:
+                    continue
+                tensors[name.removeprefix("model.")] = f.get_tensor(name)
+
+    def take(name: str) -> torch.Tensor:
+        try:
+            return tensors.pop(name).to(dtype)
+        except KeyError:
+            raise ValueError(f"weight {name!r} missing from {folder}") from None
+
+    state: dict[str, torch.Tensor] = {"embed_tokens.weight": take("embed_tokens.weight"), "norm.weight": take("norm.weight")}
+    for i in range(args.num_layers):
+        p = f"layers.{i}."
+        attn = p + "self_attn."
+        state[attn + "qkv_proj.weight"] = torch.cat([take(attn + f"{n}_proj.weight") for n in "qkv"])
+        if args.qkv_bias:
+            state[attn + "qkv_proj.bias"] = torch.cat([take(attn + f"{n}_proj.bias") for n in "qkv"])
+        state[attn + "o_proj.weight"] = take(attn + "o_proj.weight")
+        state[p + "mlp.gate_up_proj.weight"] = torch.cat(
+            [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]
+        )
+        state[p + "mlp.down_proj.weight"] = take(p + "mlp.down_proj.weight")
+        state[p + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
+        state[p + "post_attention_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
+    lm_head = tensors.pop("lm_head.weight", None)
+    if args.tie_word_embeddings or lm_head is None:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    else:
+        state["lm_head.weight"] = lm_head.to(dtype)
+    leftover = [n for n in tensors if not n.startswith("lm_head")]
+    if leftover:
+        raise ValueError(f"unexpected weights in {folder}: {leftover[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.rotary = RotaryEmbedding(args, dtype)
+    return model.eval()

@@ -1,0 +1,146 @@
+"""Engine-side request state and the typed messages between scheduler, model runner and engine core.
+
+Pure logic: no torch, no sockets. Messages are msgspec structs so that they can cross a process boundary
+unchanged (engine core ↔ front end, master ↔ executors).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import msgspec
+
+from deepflow.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # waiting again, its KV dropped; recomputed on resume
+    FINISHED = "finished"
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the model's context
+    ABORT = "abort"
+
+
+class EngineCoreRequest(msgspec.Struct, kw_only=True):
+    """A tokenized request as it enters the engine core."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: list[int] = msgspec.field(default_factory=list)
+    arrival_time: float = 0.0
+    priority: int = 0  # lower runs first; ties are first-come first-served
+
+
+class Request:
+    """The scheduler's view of one sequence. Token ids may include `num_pending_tokens` not yet known:
+    with asynchronous scheduling a step is planned before the previous step's sampled tokens arrive."""
+
+    def __init__(self, core_request: EngineCoreRequest, max_model_len: int) -> None:
+        params = core_request.sampling_params
+        self.request_id = core_request.request_id
+        self.prompt_token_ids = core_request.prompt_token_ids
+        self.sampling_params = params
+        self.eos_token_ids = frozenset(core_request.eos_token_ids)
+        self.stop_token_ids = frozenset(params.stop_token_ids)
+        self.arrival_time = core_request.arrival_time or time.monotonic()
+        self.priority = core_request.priority
+        room = max_model_len - len(self.prompt_token_ids)
+        self.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        self.output_token_ids: list[int] = []
+        self.num_pending_tokens = 0
+        self.num_computed_tokens = 0
+        self.num_preemptions = 0
+        self.status = RequestStatus.WAITING
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def sort_key(self) -> tuple[int, float]:
+        return (self.priority, self.arrival_time)
+
+    def check_stop(self) -> tuple[FinishReason | None, int | None]:
+        """After a token was appended: (finish reason, stop token id) or (None, None) to go on."""
+        last = self.output_token_ids[-1]
+        n = len(self.output_token_ids)
+        if n >= self.sampling_params.min_tokens:
+            if last in self.eos_token_ids and not self.sampling_params.ignore_eos:
+                return FinishReason.STOP, None
+            if last in self.stop_token_ids:
+                return FinishReason.STOP, last
+        if n >= self.max_tokens:
+            return FinishReason.LENGTH, None
+        return None, None
+
+
+class NewRequestData(msgspec.Struct, kw_only=True):
+    """Everything an executor needs to (re)build a request's state: sent when it is admitted or resumed."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: list[int]
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+class CachedRequestData(msgspec.Struct, kw_only=True):
+    """A diff for a request the executor already holds: just the blocks it gained this step."""
+
+    request_id: str
+    new_block_ids: list[int]
+
+
+class SchedulerOutput(msgspec.Struct, kw_only=True):
+    new_requests: list[NewRequestData]
+    cached_requests: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    # Before this step the executor forgets finished/aborted requests entirely, and drops the KV state of
+    # preempted ones while keeping their sampling state (a seeded generator must resume where it stopped).
+    finished_request_ids: list[str]
+    preempted_request_ids: list[str]
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+class Logprobs(msgspec.Struct, array_like=True):
+    """Log-probabilities of one generated token: its own, its rank, and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+class ModelRunnerOutput(msgspec.Struct, kw_only=True):
+    """Tokens sampled in one step, for the requests whose scheduled tokens reached the end of the sequence."""
+
+    request_ids: list[str]
+    sampled_token_ids: list[int]
+    logprobs: list[Logprobs | None]
+
+
+class EngineCoreOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[Logprobs | None] = msgspec.field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0

@@ -1,0 +1,255 @@
+"""FlowServe's centralized scheduler: pure logic (no torch, no sockets), one token budget per step.
+
+There are no prefill and decode phases: each step every running request asks for the tokens it has not
+computed yet (one for a decode, a chunk for a prefill), capped by `max_num_batched_tokens`, and waiting
+requests are admitted while budget, `max_num_seqs` and KV blocks allow. When blocks run out, the running
+request with the lowest priority (latest arrival) is preempted: its blocks are freed and it is recomputed
+later. Scheduling only needs token *counts*, so step N+1 can be planned while step N runs (paper §4.2): a
+request whose step will sample counts one pending token until the sampled id arrives.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from deepflow.cache.block_pool import BlockPool
+from deepflow.engine.request import (
+    CachedRequestData,
+    EngineCoreOutput,
+    EngineCoreRequest,
+    FinishReason,
+    ModelRunnerOutput,
+    NewRequestData,
+    Request,
+    RequestStatus,
+    SchedulerOutput,
+)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_model_len < 2:
+            raise ValueError("max_num_seqs, max_num_batched_tokens must be >= 1 and max_model_len >= 2")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError("without chunked prefill max_num_batched_tokens must be >= max_model_len")
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions_total: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_pool: BlockPool) -> None:
+        self.config = config
+        self.block_pool = block_pool
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []  # kept sorted by (priority, arrival)
+        self.running: list[Request] = []  # admission order
+        self._forget: list[str] = []  # executor state to drop at the next step
+        self._preempted: list[str] = []  # executor KV state to drop at the next step
+        self.num_preemptions_total = 0
+
+    # ---- requests in and out -------------------------------------------------------------------------
+    def add_request(self, core_request: EngineCoreRequest) -> None:
+        if core_request.request_id in self.requests:
+            raise ValueError(f"request id {core_request.request_id!r} is already in use")
+        prompt_len = len(core_request.prompt_token_ids)
+        if prompt_len == 0:
+            raise ValueError("the prompt must contain at least one token")
+        if prompt_len >= self.config.max_model_len:
+            raise ValueError(
+                f"prompt has {prompt_len} tokens; the model's context is {self.config.max_model_len} tokens "
+                "and at least one must remain for the output"
+            )
+        request = Request(core_request, self.config.max_model_len)
+        self.requests[request.request_id] = request
+        self._enqueue(request)
+
+    def abort(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        outputs = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is not None:
+                self._finish(request)
+                outputs.append(
+                    EngineCoreOutput(request_id=request_id, new_token_ids=[], finish_reason=FinishReason.ABORT)
+                )
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.block_pool.usage,
+            num_preemptions_total=self.num_preemptions_total,
+        )
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_requests: list[NewRequestData] = []
+        cached_requests: list[CachedRequestData] = []
+        preempted = False
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = self._tokens_wanted(request, budget)
+            if num_new == 0:
+                index += 1
+                continue
+            new_blocks = self.block_pool.alloc_blocks(request.request_id, request.num_computed_tokens + num_new)
+            while new_blocks is None:
+                victim = self._pick_victim(index)
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+                new_blocks = self.block_pool.alloc_blocks(
+                    request.request_id, request.num_computed_tokens + num_new
+                )
+            if new_blocks is None:
+                continue  # the request preempted itself; `running[index]` is now the next one
+            cached_requests.append(CachedRequestData(request_id=request.request_id, new_block_ids=new_blocks))
+            self._account(request, num_new, num_scheduled)
+            budget -= num_new
+            index += 1
+
+        # Admitting new work right after a preemption would only thrash the KV pool.
+        if not preempted:
+            budget = self._admit_waiting(budget, num_scheduled, new_requests)
+
+        forget, self._forget = self._forget, []
+        preempted_ids, self._preempted = self._preempted, []
+        return SchedulerOutput(
+            new_requests=new_requests,
+            cached_requests=cached_requests,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            finished_request_ids=forget,
+            preempted_request_ids=preempted_ids,
+        )
+
+    def update_from_output(self, runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Record sampled tokens, finish requests that stop, return what each request produced."""
+        outputs = []
+        for request_id, token_id, logprobs in zip(
+            runner_output.request_ids, runner_output.sampled_token_ids, runner_output.logprobs
+        ):
+            request = self.requests.get(request_id)
+            if request is None:  # finished or aborted while this step was in flight: the token is moot
+                continue
+            request.num_pending_tokens -= 1
+            request.output_token_ids.append(token_id)
+            reason, stop_token = request.check_stop()
+            if reason is not None:
+                self._finish(request)
+            outputs.append(
+                EngineCoreOutput(
+                    request_id=request_id,
+                    new_token_ids=[token_id],
+                    new_logprobs=[logprobs] if logprobs is not None else [],
+                    finish_reason=reason,
+                    stop_reason=stop_token,
+                )
+            )
+        return outputs
+
+    # ---- internals ---------------------------------------------------------------------------------
+    def _tokens_wanted(self, request: Request, budget: int) -> int:
+        remaining = request.num_tokens - request.num_computed_tokens
+        if remaining <= 0:
+            return 0
+        num_new = min(remaining, budget)
+        will_sample = num_new == remaining
+        if will_sample and request.num_output_tokens >= request.max_tokens:
+            return 0  # its last token is already in flight; sampling more would be thrown away
+        return num_new
+
+    def _account(self, request: Request, num_new: int, num_scheduled: dict[str, int]) -> None:
+        num_scheduled[request.request_id] = num_new
+        request.num_computed_tokens += num_new
+        if request.num_computed_tokens == request.num_tokens:
+            request.num_pending_tokens += 1
+
+    def _admit_waiting(
+        self, budget: int, num_scheduled: dict[str, int], new_requests: list[NewRequestData]
+    ) -> int:
+        admitted: list[Request] = []
+        for request in self.waiting:
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if request.num_pending_tokens:
+                continue  # preempted with a token still in flight: its ids are not all known yet
+            remaining = request.num_tokens - request.num_computed_tokens
+            if not self.config.enable_chunked_prefill and remaining > budget:
+                break
+            num_new = min(remaining, budget)
+            blocks = self.block_pool.alloc_blocks(request.request_id, request.num_computed_tokens + num_new)
+            if blocks is None:
+                break
+            new_requests.append(
+                NewRequestData(
+                    request_id=request.request_id,
+                    prompt_token_ids=request.prompt_token_ids,
+                    output_token_ids=list(request.output_token_ids),
+                    sampling_params=request.sampling_params,
+                    eos_token_ids=sorted(request.eos_token_ids),
+                    block_ids=list(self.block_pool.block_table(request.request_id)),
+                    num_computed_tokens=request.num_computed_tokens,
+                )
+            )
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            admitted.append(request)
+            self._account(request, num_new, num_scheduled)
+            budget -= num_new
+        for request in admitted:
+            self.waiting.remove(request)
+        return budget
+
+    def _pick_victim(self, index: int) -> Request:
+        """The lowest-priority, latest request not yet scheduled this step; else the current one."""
+        candidates = self.running[index:]
+        return max(candidates, key=lambda r: r.sort_key)
+
+    def _preempt(self, request: Request) -> None:
+        self.block_pool.free(request.request_id)
+        self.running.remove(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.PREEMPTED
+        self.num_preemptions_total += 1
+        self._preempted.append(request.request_id)
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        keys = [r.sort_key for r in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, request.sort_key), request)
+
+    def _finish(self, request: Request) -> None:
+        # The one exit path of a request: whatever it holds goes back here.
+        self.block_pool.free(request.request_id)
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        if request.status != RequestStatus.WAITING:  # the executor has seen it
+            self._forget.append(request.request_id)
+        request.status = RequestStatus.FINISHED
+        del self.requests[request.request_id]
