@@ -21,28 +21,60 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     # Llama, untied embeddings, GQA ratio 1 (multi-head attention).
     "llama-untied-mha": (
         "LlamaConfig",
-        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=4, tie_word_embeddings=False),
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            tie_word_embeddings=False,
+        ),
     ),
     # Qwen2 with q/k/v bias, GQA ratio 3.
     "qwen2-bias-gqa3": (
         "Qwen2Config",
-        dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
-             num_key_value_heads=2, tie_word_embeddings=False, use_sliding_window=False),
+        dict(
+            hidden_size=96,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            use_sliding_window=False,
+        ),
     ),
     # Llama with tied embeddings, GQA ratio 3 and llama3-style rope scaling.
     "llama3-rope-gqa3": (
         "LlamaConfig",
-        dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=6,
-             num_key_value_heads=2, tie_word_embeddings=True, rope_theta=50000.0,
-             rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                               original_max_position_embeddings=64)),
+        dict(
+            hidden_size=96,
+            intermediate_size=192,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rope_theta=50000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
     ),
     # Mistral (no sliding window), GQA ratio 2.
     "mistral-gqa2": (
         "MistralConfig",
-        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None),
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            sliding_window=None,
+        ),
     ),
 }
 
@@ -54,8 +86,13 @@ def make_tiny_model(name: str, folder: Path) -> Path:
 
     class_name, overrides = TINY_CONFIGS[name]
     config = getattr(transformers, class_name)(
-        vocab_size=512, max_position_embeddings=512, initializer_range=0.15, rms_norm_eps=1e-6,
-        bos_token_id=1, eos_token_id=2, **overrides,
+        vocab_size=512,
+        max_position_embeddings=512,
+        initializer_range=0.15,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        **overrides,
     )
     torch.manual_seed(zlib.crc32(name.encode()))
     model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)

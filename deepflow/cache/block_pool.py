@@ -37,7 +37,7 @@ class BlockPool:
         return self.blocks_for(num_tokens) - len(self.block_table(request_id)) <= len(self._free)
 
     def alloc_blocks(self, request_id: str, num_tokens: int) -> list[int] | None:
-        """Grow the request's table to hold `num_tokens`; return the new block ids, or None (nothing taken)."""
+        """Grow the table to hold `num_tokens`; return the new block ids, or None (nothing is taken)."""
         table = self._tables.setdefault(request_id, [])
         need = self.blocks_for(num_tokens) - len(table)
         if need > len(self._free):

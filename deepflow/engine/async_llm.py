@@ -95,8 +95,14 @@ class ThreadedEngineCoreClient:
                 self.core.add_request(payload)
             except ValueError as exc:  # validated at the edge; this is the last guard, never a crash
                 logger.warning("rejected request %s: %s", payload.request_id, exc)
-                return [EngineCoreOutput(request_id=payload.request_id, new_token_ids=[],
-                                         finish_reason=FinishReason.ABORT, stop_reason=str(exc))]
+                return [
+                    EngineCoreOutput(
+                        request_id=payload.request_id,
+                        new_token_ids=[],
+                        finish_reason=FinishReason.ABORT,
+                        stop_reason=str(exc),
+                    )
+                ]
             return []
         return self.core.abort(payload)
 
@@ -157,7 +163,9 @@ class AsyncLLM:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+        text, ids = (
+            (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+        )
         if not ids:
             raise ValueError("the prompt must contain at least one token")
         if len(ids) >= self.max_model_len:
@@ -175,8 +183,13 @@ class AsyncLLM:
         try:
             for child_id, seq in state.sequences.items():
                 self.client.add_request(
-                    EngineCoreRequest(request_id=child_id, prompt_token_ids=ids, sampling_params=seq.params,
-                                      eos_token_ids=self.eos_token_ids, priority=priority)
+                    EngineCoreRequest(
+                        request_id=child_id,
+                        prompt_token_ids=ids,
+                        sampling_params=seq.params,
+                        eos_token_ids=self.eos_token_ids,
+                        priority=priority,
+                    )
                 )
             while not finished:
                 item = await outputs.get()
@@ -232,7 +245,7 @@ class AsyncLLM:
 
 def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     """b is later than a: keep b's totals and prepend a's deltas."""
-    for old, new in zip(a.outputs, b.outputs):
+    for old, new in zip(a.outputs, b.outputs, strict=False):
         new.delta_text = old.delta_text + new.delta_text
         new.delta_token_ids = old.delta_token_ids + new.delta_token_ids
         new.delta_logprobs = old.delta_logprobs + new.delta_logprobs

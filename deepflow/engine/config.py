@@ -34,7 +34,9 @@ class EngineConfig:
         if self.model is not None:
             path = Path(self.model).expanduser()
             if not (path / "config.json").exists():
-                raise FileNotFoundError(f"{path} is not a model folder (no config.json); give a local HF folder")
+                raise FileNotFoundError(
+                    f"{path} is not a model folder (no config.json); give a local HF folder"
+                )
             return path
         from deepflow.weights.embedded import prepare_embedded_model
 

@@ -28,11 +28,17 @@ class EngineCore:
         self.config = config
         self.model_path = config.model_path()
         self.runner = ModelRunner(
-            self.model_path, config.torch_dtype(), config.block_size, config.num_kv_blocks, config.kv_cache_memory
+            self.model_path,
+            config.torch_dtype(),
+            config.block_size,
+            config.num_kv_blocks,
+            config.kv_cache_memory,
         )
         args = self.runner.model.args
         pool_tokens = self.runner.num_blocks * config.block_size
-        max_model_len = min(config.max_model_len or args.max_position_embeddings, args.max_position_embeddings)
+        max_model_len = min(
+            config.max_model_len or args.max_position_embeddings, args.max_position_embeddings
+        )
         if max_model_len > pool_tokens:
             logger.warning("max_model_len %d capped to the KV pool's %d tokens", max_model_len, pool_tokens)
             max_model_len = pool_tokens
@@ -47,7 +53,9 @@ class EngineCore:
             ),
             self.block_pool,
         )
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="model-runner") if config.async_scheduling else None
+        self._executor = (
+            ThreadPoolExecutor(1, thread_name_prefix="model-runner") if config.async_scheduling else None
+        )
         self._inflight: Future[ModelRunnerOutput] | None = None
 
     @property
@@ -61,7 +69,11 @@ class EngineCore:
         return self.scheduler.abort(request_ids)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._inflight is not None
+        return (
+            self.scheduler.has_unfinished_requests()
+            or self.scheduler.has_executor_updates()
+            or self._inflight is not None
+        )
 
     def step(self) -> list[EngineCoreOutput]:
         if self._executor is None:
@@ -69,7 +81,9 @@ class EngineCore:
         # Plan and launch step N+1 before collecting step N.
         scheduled = self.scheduler.schedule()
         # An empty step still runs when the executor has requests to forget, so its state never lingers.
-        needs_run = not scheduled.is_empty or scheduled.finished_request_ids or scheduled.preempted_request_ids
+        needs_run = (
+            not scheduled.is_empty or scheduled.finished_request_ids or scheduled.preempted_request_ids
+        )
         launched = self._executor.submit(self.runner.execute, scheduled) if needs_run else None
         outputs: list[EngineCoreOutput] = []
         if self._inflight is not None:

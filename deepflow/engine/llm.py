@@ -95,7 +95,7 @@ class LLM:
     ) -> list[RequestOutput]:
         processor = OutputProcessor()
         states: list[RequestState] = []
-        for (text, ids), params in zip(encoded, params_list):
+        for (text, ids), params in zip(encoded, params_list, strict=False):
             request_id = str(next(self._ids))
             state = RequestState(request_id, text, ids, params, self.tokenizer)
             states.append(state)

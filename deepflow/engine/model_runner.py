@@ -36,7 +36,11 @@ def kv_bytes_per_block(model: LlamaModel, block_size: int) -> int:
 
 class ModelRunner:
     def __init__(
-        self, model_path: str | Path, dtype: torch.dtype, block_size: int, num_blocks: int | None,
+        self,
+        model_path: str | Path,
+        dtype: torch.dtype,
+        block_size: int,
+        num_blocks: int | None,
         kv_cache_memory: int,
     ) -> None:
         self.model = load_model(model_path, dtype)
@@ -148,7 +152,7 @@ class ModelRunner:
             return ModelRunnerOutput(request_ids=[], sampled_token_ids=[], logprobs=[])
         states = [self.requests[r].sampling for r in sampling_ids]
         sampled = self.sampler(logits, states)
-        for request_id, token_id in zip(sampling_ids, sampled.token_ids):
+        for request_id, token_id in zip(sampling_ids, sampled.token_ids, strict=False):
             state = self.requests[request_id]
             state.token_ids.append(token_id)
             state.sampling.output_token_ids.append(token_id)
@@ -156,7 +160,9 @@ class ModelRunner:
             None if lp is None else Logprobs(lp.token_id, lp.logprob, lp.rank, lp.top_ids, lp.top_logprobs)
             for lp in sampled.logprobs
         ]
-        return ModelRunnerOutput(request_ids=sampling_ids, sampled_token_ids=sampled.token_ids, logprobs=logprobs)
+        return ModelRunnerOutput(
+            request_ids=sampling_ids, sampled_token_ids=sampled.token_ids, logprobs=logprobs
+        )
 
     def _decode_slots(self, tables: list[list[int]], lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         bs = self.block_size

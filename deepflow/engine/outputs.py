@@ -59,13 +59,19 @@ def child_params(params: SamplingParams, index: int) -> SamplingParams:
 
 
 class SequenceState:
-    def __init__(self, index: int, params: SamplingParams, tokenizer: Tokenizer | None, prompt_ids: list[int]):
+    def __init__(
+        self, index: int, params: SamplingParams, tokenizer: Tokenizer | None, prompt_ids: list[int]
+    ):
         self.params = params
         self.output = CompletionOutput(index=index, logprobs=[] if params.logprobs is not None else None)
         self.detokenizer = (
             IncrementalDetokenizer(
-                tokenizer, prompt_ids, params.skip_special_tokens, stop=params.stop,
-                include_stop_str_in_output=params.include_stop_str_in_output, min_tokens=params.min_tokens,
+                tokenizer,
+                prompt_ids,
+                params.skip_special_tokens,
+                stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+                min_tokens=params.min_tokens,
             )
             if tokenizer is not None
             else None
@@ -119,7 +125,11 @@ class RequestState:
     """One user request: its n sequences, each an engine-core request of its own."""
 
     def __init__(
-        self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
         tokenizer: Tokenizer | None,
     ) -> None:
         self.request_id = request_id
@@ -127,7 +137,9 @@ class RequestState:
         self.prompt_token_ids = prompt_ids
         self.n = params.n
         self.sequences = {
-            child_request_id(request_id, i, params.n): SequenceState(i, child_params(params, i), tokenizer, prompt_ids)
+            child_request_id(request_id, i, params.n): SequenceState(
+                i, child_params(params, i), tokenizer, prompt_ids
+            )
             for i in range(params.n)
         }
         self.num_cached_tokens = 0

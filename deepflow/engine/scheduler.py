@@ -83,12 +83,18 @@ class Scheduler:
             if request is not None:
                 self._finish(request)
                 outputs.append(
-                    EngineCoreOutput(request_id=request_id, new_token_ids=[], finish_reason=FinishReason.ABORT)
+                    EngineCoreOutput(
+                        request_id=request_id, new_token_ids=[], finish_reason=FinishReason.ABORT
+                    )
                 )
         return outputs
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def has_executor_updates(self) -> bool:
+        """Finished or preempted requests the executor has not been told to forget yet."""
+        return bool(self._forget or self._preempted)
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
@@ -113,7 +119,9 @@ class Scheduler:
             if num_new == 0:
                 index += 1
                 continue
-            new_blocks = self.block_pool.alloc_blocks(request.request_id, request.num_computed_tokens + num_new)
+            new_blocks = self.block_pool.alloc_blocks(
+                request.request_id, request.num_computed_tokens + num_new
+            )
             while new_blocks is None:
                 victim = self._pick_victim(index)
                 self._preempt(victim)
@@ -149,7 +157,7 @@ class Scheduler:
         """Record sampled tokens, finish requests that stop, return what each request produced."""
         outputs = []
         for request_id, token_id, logprobs in zip(
-            runner_output.request_ids, runner_output.sampled_token_ids, runner_output.logprobs
+            runner_output.request_ids, runner_output.sampled_token_ids, runner_output.logprobs, strict=False
         ):
             request = self.requests.get(request_id)
             if request is None:  # finished or aborted while this step was in flight: the token is moot

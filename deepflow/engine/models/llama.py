@@ -42,13 +42,19 @@ class ModelArgs:
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
         arch = (config.get("architectures") or ["LlamaForCausalLM"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-        if config.get("sliding_window") and config.get("use_sliding_window", arch == "MistralForCausalLM"):
-            # A window smaller than the context changes attention; we do not implement it, so refuse loudly.
-            if config["sliding_window"] < config.get("max_position_embeddings", 0):
-                raise ValueError("sliding-window attention is not supported")
+            raise ValueError(
+                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        window = config.get("sliding_window")
+        # A window smaller than the context changes attention; we do not implement it, so refuse loudly.
+        if (
+            window
+            and config.get("use_sliding_window", arch == "MistralForCausalLM")
+            and window < config.get("max_position_embeddings", 0)
+        ):
+            raise ValueError("sliding-window attention is not supported")
         num_heads = config["num_attention_heads"]
-        # transformers >= 5 writes `rope_parameters` (theta inside); older folders `rope_theta` + `rope_scaling`.
+        # transformers 5 writes `rope_parameters` (theta inside); older folders `rope_theta` + `rope_scaling`.
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         rope_theta = rope.pop("rope_theta", None) or config.get("rope_theta", 10000.0)
         if rope.get("rope_type", rope.get("type", "default")) == "default":
@@ -122,7 +128,7 @@ def _rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position, computed in fp32 once (as HF does per call) and cast to the dtype."""
+    """cos/sin for every position, computed in fp32 once (as HF does per call) and cast to the dtype."""
 
     def __init__(self, args: ModelArgs, dtype: torch.dtype) -> None:
         super().__init__()
@@ -192,7 +198,9 @@ class Attention(nn.Module):
         d = meta.num_decodes
         if d:
             out[:d] = self._decode(q[:d], k_cache, v_cache, meta)
-        for (start, end), slots, mask in zip(meta.prefill_ranges, meta.prefill_slots, meta.prefill_masks):
+        for (start, end), slots, mask in zip(
+            meta.prefill_ranges, meta.prefill_slots, meta.prefill_masks, strict=False
+        ):
             if slots is None:
                 keys, values = k[start:end], v[start:end]
             else:
@@ -206,7 +214,7 @@ class Attention(nn.Module):
         # One query token per sequence: the heads sharing a KV head form a [group, head_dim] query block,
         # so plain batched matmuls serve GQA without repeating K/V.
         assert meta.decode_slots is not None and meta.decode_mask is not None
-        d, lmax = meta.decode_slots.shape
+        d, _lmax = meta.decode_slots.shape
         keys = k_cache[meta.decode_slots].permute(0, 2, 3, 1)  # [D, KVH, hd, L]
         values = v_cache[meta.decode_slots].transpose(1, 2)  # [D, KVH, L, hd]
         qg = q.view(d, self.num_kv_heads, self.group, self.head_dim)
@@ -278,7 +286,7 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions)
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=False):
             x = layer(x, cos, sin, kv_cache, meta)
         # Only the positions that sample pay for the final norm and the LM head.
         x = self.norm(x[logits_indices])
@@ -316,7 +324,10 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Llama
         except KeyError:
             raise ValueError(f"weight {name!r} missing from {folder}") from None
 
-    state: dict[str, torch.Tensor] = {"embed_tokens.weight": take("embed_tokens.weight"), "norm.weight": take("norm.weight")}
+    state: dict[str, torch.Tensor] = {
+        "embed_tokens.weight": take("embed_tokens.weight"),
+        "norm.weight": take("norm.weight"),
+    }
     for i in range(args.num_layers):
         p = f"layers.{i}."
         attn = p + "self_attn."

