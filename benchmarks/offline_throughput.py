@@ -15,9 +15,10 @@ is output tokens per second of the whole generate call, prefill included:
 
     tok/s = batch * output_len / wall time of one generate call
 
-Both engines run in the same process on the same prompts, interleaved per batch size (deepflow then HF at
-batch 1, then at the next batch size, ...) so that machine noise hits both alike; `--repeat N` keeps the best
-of N runs. Model loading and one small warm-up generate per engine are not timed. Both use torch's default
+Both engines run on the same prompts, interleaved per batch size (deepflow then HF at batch 1, then at the
+next batch size, ...) so that machine noise hits both alike; `--repeat N` keeps the best of N runs. HF runs in
+a child process: torch ops issued from two threads of one process get two OpenMP teams that oversubscribe
+the cores and would slow both. Model loading and one small warm-up generate per engine are not timed. Both use torch's default
 intra-op thread count (all cores) unless `--threads` is given.
 
 For deepflow the script also reports the mean decode step time (a step where every scheduled request gets
@@ -249,45 +250,67 @@ class DeepflowEngine:
         self.llm.shutdown()
 
 
-class HFEngine:
-    name = "hf"
+def _hf_worker(conn: Any, model_path: str, dtype: str, threads: int | None) -> None:
+    """HF transformers in a process of its own: two engines running torch from different threads of one
+    process oversubscribe the cores (one OpenMP team per thread), which would slow both and skew the ratio."""
+    from transformers import AutoModelForCausalLM
 
-    def __init__(self, model_path: str, dtype: str, output_len: int) -> None:
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=TORCH_DTYPES[dtype])
-        self.model.eval()
-        self.output_len = output_len
-        config = self.model.generation_config
-        config.eos_token_id = None  # never stop early: exactly output_len new tokens
-        config.pad_token_id = 0
-        config.do_sample = False
-
-    def _generate(self, prompts: list[list[int]], new_tokens: int) -> torch.Tensor:
+    if threads:
+        torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=TORCH_DTYPES[dtype]).eval()
+    config = model.generation_config
+    config.eos_token_id = None  # never stop early: exactly output_len new tokens
+    config.pad_token_id = 0
+    config.do_sample = False
+    conn.send("ready")
+    while (message := conn.recv()) is not None:
+        prompts, new_tokens = message
+        gc.collect()
         input_ids = torch.tensor(prompts, dtype=torch.long)
+        start = time.perf_counter()
         with torch.inference_mode():
-            return self.model.generate(
+            sequences = model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 do_sample=False,
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
             )
+        seconds = time.perf_counter() - start
+        conn.send((seconds, sequences[:, input_ids.shape[1] :].tolist()))
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, model_path: str, dtype: str, output_len: int, threads: int | None = None) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=_hf_worker, args=(child, model_path, dtype, threads), daemon=True
+        )
+        self._process.start()
+        if self._conn.recv() != "ready":
+            raise RuntimeError("HF worker failed to start")
+        self.output_len = output_len
+
+    def _generate(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+        self._conn.send((prompts, new_tokens))
+        return self._conn.recv()
 
     def warmup(self, prompts: list[list[int]]) -> None:
         self._generate(prompts, 8)
 
     def run(self, prompts: list[list[int]]) -> tuple[RunResult, list[list[int]]]:
-        gc.collect()
-        start = time.perf_counter()
-        sequences = self._generate(prompts, self.output_len)
-        seconds = time.perf_counter() - start
-        tokens = sequences[:, len(prompts[0]) :].tolist()
+        seconds, tokens = self._generate(prompts, self.output_len)
         check_lengths(self.name, tokens, len(prompts), self.output_len)
         return RunResult(seconds=seconds, tok_per_s=len(prompts) * self.output_len / seconds), tokens
 
     def close(self) -> None:
-        del self.model
+        self._conn.send(None)
+        self._process.join(timeout=30)
 
 
 def check_lengths(engine: str, tokens: list[list[int]], batch: int, output_len: int) -> None:
@@ -338,7 +361,7 @@ def benchmark_dtype(args: argparse.Namespace, dtype: str, model_path: str) -> li
                 )
             )
         else:
-            engines.append(HFEngine(model_path, dtype, args.output_len))
+            engines.append(HFEngine(model_path, dtype, args.output_len, args.threads))
         load_s[name] = time.perf_counter() - start
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,16 +1,18 @@
 """EngineCore: the plain loop that ties the scheduler to the model runner, one step at a time.
 
-With `async_scheduling` the runner executes step N on a worker thread while this thread plans step N+1
-and then processes step N's output (paper §4.2, the overlap loop of SGLang/mini-sglang). PyTorch releases
-the GIL inside its kernels, so the planning cost hides behind execution. Output is identical either way.
+All torch work (loading, KV allocation, every step) happens on one dedicated model thread, whoever calls the
+core: OpenMP keeps a thread team per calling thread, and two teams on a small machine oversubscribe the cores
+(measured here: a decode step 2-3x slower once a second thread had run torch ops).
+
+With `async_scheduling` the model thread executes step N while the calling thread plans step N+1 and then
+processes step N's output (paper §4.2, the overlap loop of SGLang/mini-sglang). Scheduling is pure Python and
+torch releases the GIL inside kernels, so planning hides behind execution. Output is identical either way.
 """
 
 from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
-
-import torch
 
 from deepflow.cache.block_pool import BlockPool
 from deepflow.engine.config import EngineConfig
@@ -23,22 +25,26 @@ logger = logging.getLogger(__name__)
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
         self.config = config
         self.model_path = config.model_path()
-        self.runner = ModelRunner(
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model-runner")
+        self.runner = self._model_thread.submit(
+            ModelRunner,
             self.model_path,
             config.torch_dtype(),
             config.block_size,
             config.num_kv_blocks,
             config.kv_cache_memory,
-        )
+            config.num_threads,
+        ).result()
         args = self.runner.model.args
         pool_tokens = self.runner.num_blocks * config.block_size
         max_model_len = min(
             config.max_model_len or args.max_position_embeddings, args.max_position_embeddings
         )
+        if args.sliding_window and max_model_len > args.sliding_window:
+            logger.warning("max_model_len %d capped to sliding window %d", max_model_len, args.sliding_window)
+            max_model_len = args.sliding_window
         if max_model_len > pool_tokens:
             logger.warning("max_model_len %d capped to the KV pool's %d tokens", max_model_len, pool_tokens)
             max_model_len = pool_tokens
@@ -52,9 +58,6 @@ class EngineCore:
                 enable_chunked_prefill=config.enable_chunked_prefill,
             ),
             self.block_pool,
-        )
-        self._executor = (
-            ThreadPoolExecutor(1, thread_name_prefix="model-runner") if config.async_scheduling else None
         )
         self._inflight: Future[ModelRunnerOutput] | None = None
 
@@ -76,15 +79,17 @@ class EngineCore:
         )
 
     def step(self) -> list[EngineCoreOutput]:
-        if self._executor is None:
-            return self.scheduler.update_from_output(self.runner.execute(self.scheduler.schedule()))
-        # Plan and launch step N+1 before collecting step N.
         scheduled = self.scheduler.schedule()
-        # An empty step still runs when the executor has requests to forget, so its state never lingers.
+        if not self.config.async_scheduling:
+            return self.scheduler.update_from_output(
+                self._model_thread.submit(self.runner.execute, scheduled).result()
+            )
+        # Launch step N+1, then collect step N. An empty step still runs when the executor has requests to
+        # forget, so their state never lingers.
         needs_run = (
             not scheduled.is_empty or scheduled.finished_request_ids or scheduled.preempted_request_ids
         )
-        launched = self._executor.submit(self.runner.execute, scheduled) if needs_run else None
+        launched = self._model_thread.submit(self.runner.execute, scheduled) if needs_run else None
         outputs: list[EngineCoreOutput] = []
         if self._inflight is not None:
             outputs = self.scheduler.update_from_output(self._inflight.result())
@@ -95,5 +100,4 @@ class EngineCore:
         if self._inflight is not None:
             self._inflight.result()
             self._inflight = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        self._model_thread.shutdown(wait=True)

@@ -42,12 +42,15 @@ class ModelRunner:
         block_size: int,
         num_blocks: int | None,
         kv_cache_memory: int,
+        num_threads: int | None = None,
     ) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
         self.model = load_model(model_path, dtype)
         self.block_size = block_size
         self.num_blocks = num_blocks or max(kv_cache_memory // kv_bytes_per_block(self.model, block_size), 1)
         args = self.model.args
-        shape = (self.num_blocks * block_size, args.num_kv_heads, args.head_dim)
+        shape = (args.num_kv_heads, self.num_blocks, block_size, args.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(args.num_layers)
         ]
@@ -120,24 +123,24 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long),
             num_decodes=len(decode_lens),
-            decode_slots=None,
+            decode_block_table=None,
             decode_mask=None,
             prefill_ranges=prefill_ranges,
-            prefill_slots=[],
+            prefill_blocks=[],
+            prefill_kv_lens=[],
             prefill_masks=[],
         )
         if decode_lens:
-            meta.decode_slots, meta.decode_mask = self._decode_slots(decode_tables, decode_lens)
+            meta.decode_block_table, meta.decode_mask = self._decode_tables(decode_tables, decode_lens)
         for blocks, start, end in prefill_ctx:
+            meta.prefill_kv_lens.append(end)
             if start == 0:
-                meta.prefill_slots.append(None)
+                meta.prefill_blocks.append(None)
                 meta.prefill_masks.append(None)
                 continue
-            pos = torch.arange(end)
-            table = torch.tensor(blocks, dtype=torch.long)
-            meta.prefill_slots.append(table[pos // bs] * bs + pos % bs)
+            meta.prefill_blocks.append(torch.tensor(blocks[: -(-end // bs)], dtype=torch.long))
             query_pos = torch.arange(start, end).unsqueeze(1)
-            meta.prefill_masks.append(pos.unsqueeze(0) <= query_pos)
+            meta.prefill_masks.append(torch.arange(end).unsqueeze(0) <= query_pos)
 
         logits = self.model(
             torch.tensor(input_ids, dtype=torch.long),
@@ -164,15 +167,13 @@ class ModelRunner:
             request_ids=sampling_ids, sampled_token_ids=sampled.token_ids, logprobs=logprobs
         )
 
-    def _decode_slots(self, tables: list[list[int]], lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        bs = self.block_size
-        max_len = max(lens)
-        width = -(-max_len // bs)
+    def _decode_tables(self, tables: list[list[int]], lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables padded to a common width (with block 0, masked out) and the additive padding mask."""
+        width = -(-max(lens) // self.block_size)
         padded = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables], dtype=torch.long)
-        pos = torch.arange(max_len)
-        slots = padded[:, pos // bs] * bs + pos % bs
+        span = width * self.block_size
         lengths = torch.tensor(lens, dtype=torch.long).unsqueeze(1)
-        mask = torch.zeros(len(lens), max_len, dtype=torch.float32)
-        mask.masked_fill_(pos.unsqueeze(0) >= lengths, _MASKED)
-        # [D, 1, 1, L]: broadcast over KV heads and the query group.
-        return slots, mask.view(len(lens), 1, 1, max_len)
+        mask = torch.zeros(len(lens), span, dtype=torch.float32)
+        mask.masked_fill_(torch.arange(span).unsqueeze(0) >= lengths, _MASKED)
+        # [1, D, 1, L]: broadcast over KV heads and the query group.
+        return padded, mask.view(1, len(lens), 1, span)

@@ -37,6 +37,8 @@ class ModelArgs:
     qkv_bias: bool
     rope_scaling: dict[str, Any] | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # Attention looks back at most this far; the engine caps the context to it, so full attention is exact.
+    sliding_window: int | None = None
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
@@ -46,13 +48,8 @@ class ModelArgs:
                 f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         window = config.get("sliding_window")
-        # A window smaller than the context changes attention; we do not implement it, so refuse loudly.
-        if (
-            window
-            and config.get("use_sliding_window", arch == "MistralForCausalLM")
-            and window < config.get("max_position_embeddings", 0)
-        ):
-            raise ValueError("sliding-window attention is not supported")
+        if not config.get("use_sliding_window", arch == "MistralForCausalLM"):
+            window = None
         num_heads = config["num_attention_heads"]
         # transformers 5 writes `rope_parameters` (theta inside); older folders `rope_theta` + `rope_scaling`.
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
@@ -76,6 +73,7 @@ class ModelArgs:
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
             rope_scaling=rope or None,
             eos_token_ids=eos_ids,
+            sliding_window=window,
         )
 
     @classmethod
@@ -88,17 +86,19 @@ class AttentionMetadata:
     """How this step's flat token batch maps onto sequences and KV slots (built once, used by every layer).
 
     Tokens are laid out decodes first (one token each), then prefill chunks. `slot_mapping[t]` is where token
-    t's K/V are written. Decodes attend over `decode_slots` [D, Lmax] with an additive `decode_mask`;
-    each prefill chunk i covers tokens `prefill_ranges[i]` and attends over `prefill_slots[i]` (None when the
-    chunk is the whole sequence so far, so its own K/V are used directly with a causal mask).
+    t's K/V are written. Decodes attend over the blocks of `decode_block_table` [D, W] (padded with block 0)
+    with an additive `decode_mask` [1, D, 1, W * block_size]; prefill chunk i covers tokens
+    `prefill_ranges[i]` and attends over the first `prefill_kv_lens[i]` slots of `prefill_blocks[i]` (None
+    when the chunk is the whole sequence so far: its own K/V are used directly with a causal mask).
     """
 
     slot_mapping: torch.Tensor
     num_decodes: int
-    decode_slots: torch.Tensor | None
+    decode_block_table: torch.Tensor | None
     decode_mask: torch.Tensor | None
     prefill_ranges: list[tuple[int, int]]
-    prefill_slots: list[torch.Tensor | None]
+    prefill_blocks: list[torch.Tensor | None]
+    prefill_kv_lens: list[int]
     prefill_masks: list[torch.Tensor | None]
 
 
@@ -190,21 +190,25 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        # Caches are [KVH, blocks, block_size, hd]: head-major, so K/V gathered by whole blocks (a few KB of
+        # contiguous memory each) line up per (head, sequence) for batched matmuls with no transposing copy.
         k_cache, v_cache = kv_cache
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        kvh, hd = self.num_kv_heads, self.head_dim
+        k_cache.view(kvh, -1, hd).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        v_cache.view(kvh, -1, hd).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
 
         out = torch.empty_like(q)
         d = meta.num_decodes
         if d:
             out[:d] = self._decode(q[:d], k_cache, v_cache, meta)
-        for (start, end), slots, mask in zip(
-            meta.prefill_ranges, meta.prefill_slots, meta.prefill_masks, strict=False
+        for (start, end), blocks, kv_len, mask in zip(
+            meta.prefill_ranges, meta.prefill_blocks, meta.prefill_kv_lens, meta.prefill_masks, strict=True
         ):
-            if slots is None:
-                keys, values = k[start:end], v[start:end]
+            if blocks is None:
+                keys, values = k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)
             else:
-                keys, values = k_cache[slots], v_cache[slots]
+                keys = k_cache.index_select(1, blocks).view(kvh, -1, hd)[:, :kv_len]
+                values = v_cache.index_select(1, blocks).view(kvh, -1, hd)[:, :kv_len]
             out[start:end] = self._prefill(q[start:end], keys, values, mask)
         return self.o_proj(out.view(num_tokens, self.q_size))
 
@@ -212,29 +216,65 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         # One query token per sequence: the heads sharing a KV head form a [group, head_dim] query block,
-        # so plain batched matmuls serve GQA without repeating K/V.
-        assert meta.decode_slots is not None and meta.decode_mask is not None
-        d, _lmax = meta.decode_slots.shape
-        keys = k_cache[meta.decode_slots].permute(0, 2, 3, 1)  # [D, KVH, hd, L]
-        values = v_cache[meta.decode_slots].transpose(1, 2)  # [D, KVH, L, hd]
-        qg = q.view(d, self.num_kv_heads, self.group, self.head_dim)
-        scores = torch.matmul(qg, keys).float()
+        # so batched matmuls over (KV head, sequence) serve GQA without repeating K/V.
+        assert meta.decode_block_table is not None and meta.decode_mask is not None
+        d = meta.decode_block_table.shape[0]
+        lmax = meta.decode_mask.shape[-1]
+        kvh, group, hd = self.num_kv_heads, self.group, self.head_dim
+        flat = meta.decode_block_table.view(-1)
+        keys = k_cache.index_select(1, flat).view(kvh * d, lmax, hd)
+        values = v_cache.index_select(1, flat).view(kvh * d, lmax, hd)
+        qg = q.view(d, kvh, group, hd).transpose(0, 1).reshape(kvh * d, group, hd)
+        scores = torch.bmm(qg, keys.transpose(1, 2)).float().view(kvh, d, group, lmax)
         scores = scores * self.scale + meta.decode_mask
-        probs = torch.softmax(scores, dim=-1).to(values.dtype)
-        return torch.matmul(probs, values).reshape(d, self.num_heads, self.head_dim)
+        probs = torch.softmax(scores, dim=-1).to(values.dtype).view(kvh * d, group, lmax)
+        out = torch.bmm(probs, values).view(kvh, d, group, hd)
+        return out.transpose(0, 1).reshape(d, self.num_heads, hd)
 
     def _prefill(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        # [T, H, hd] -> [1, H, T, hd]; SDPA handles GQA and the causal mask (offset by the cached context).
+        # q [T, H, hd] -> [1, H, T, hd]; keys/values come as [KVH, L, hd]. SDPA handles GQA and the causal
+        # mask (offset by the cached context).
         qh = q.transpose(0, 1).unsqueeze(0)
-        kh = keys.transpose(0, 1).unsqueeze(0)
-        vh = values.transpose(0, 1).unsqueeze(0)
+        kh = keys.unsqueeze(0)
+        vh = values.unsqueeze(0)
         if mask is None:
             o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
             o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return o.squeeze(0).transpose(0, 1)
+
+
+class PackedLinear(nn.Module):
+    """A bf16 linear layer whose weight oneDNN has reordered once into its blocked layout.
+
+    On CPU this is 1.5-2x faster than `F.linear` for the small row counts of decoding (measured: a
+    3072x576 projection at 1 row 183 vs 285 us, at 32 rows 412 vs 650 us), and the same at prefill sizes.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.out_features = linear.out_features
+        self.weight = nn.Parameter(
+            torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1), requires_grad=False
+        )
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def pack_linears(model: nn.Module) -> None:
+    """Swap every nn.Linear for a PackedLinear (bf16 with oneDNN; fp32 stays bit-exact with HF)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, PackedLinear(child))
+
+
+def can_pack(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
 
 class MLP(nn.Module):
@@ -351,4 +391,6 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Llama
         raise ValueError(f"unexpected weights in {folder}: {leftover[:5]}")
     model.load_state_dict(state, strict=False, assign=True)
     model.rotary = RotaryEmbedding(args, dtype)
+    if can_pack(dtype):
+        pack_linears(model)
     return model.eval()
