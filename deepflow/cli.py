@@ -33,13 +33,14 @@ async def _stream(args: argparse.Namespace) -> int:
     from deepflow import AsyncLLM, EngineConfig, SamplingParams
 
     engine = AsyncLLM(
-        EngineConfig(
+        in_process=True,
+        config=EngineConfig(
             model=args.model,
             dtype=args.dtype,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             async_scheduling=not args.no_async_scheduling,
-        )
+        ),
     )
     try:
         prompt: str | list[int]
@@ -88,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=None)
     _add_engine_args(generate)
     generate.set_defaults(func=cmd_generate)
+
+    # Each subsystem registers its own subcommands (they import their heavy modules lazily).
+    from deepflow.api.cli import register as register_serve
+    from deepflow.bench.cli import register as register_bench
+
+    register_serve(sub)
+    register_bench(sub)
     return parser
 
 

@@ -1,8 +1,8 @@
 """Async engine: streams each request's output as it is produced and aborts it at any time.
 
-The engine core runs its plain loop on a thread of its own (`ThreadedEngineCoreClient`); this asyncio side
-tokenizes, detokenizes, checks stop strings and fans outputs out to per-request queues. The client is a
-small interface so that the core can live in another process (ZeroMQ) without touching this file.
+The engine core runs behind an `EngineCoreClient` (`deepflow.engine.core_client`): by default in a process
+of its own over ZeroMQ, or on a thread of this process. This asyncio side tokenizes, detokenizes, checks stop
+strings, fans outputs out to per-request queues, and observes the latency metrics.
 """
 
 from __future__ import annotations
@@ -10,130 +10,55 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import queue
-import threading
+import time
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
 
 from deepflow.engine.config import EngineConfig
-from deepflow.engine.core import EngineCore
+from deepflow.engine.core_client import (
+    EngineCoreClient,
+    EngineDeadError,
+    InprocEngineCoreClient,
+    MPEngineCoreClient,
+)
+from deepflow.engine.metrics import EngineMetrics
 from deepflow.engine.outputs import OutputProcessor, RequestOutput, RequestState
-from deepflow.engine.request import EngineCoreOutput, EngineCoreRequest, FinishReason
+from deepflow.engine.request import EngineCoreOutputs, EngineCoreRequest
 from deepflow.engine.sampling_params import SamplingParams
 from deepflow.engine.tokenizer import Tokenizer
+
+__all__ = ["AsyncLLM", "EngineDeadError"]
 
 logger = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
-    """The engine core failed; requests in flight cannot complete."""
+class _Timing:
+    """Per-request latency bookkeeping for the metrics."""
 
+    __slots__ = ("arrival", "first_token", "last_token")
 
-class EngineCoreClient(Protocol):
-    max_model_len: int
-    eos_token_ids: tuple[int, ...]
-
-    def add_request(self, request: EngineCoreRequest) -> None: ...
-    def abort(self, request_ids: list[str]) -> None: ...
-    async def get_outputs(self) -> list[EngineCoreOutput]: ...
-    def shutdown(self) -> None: ...
-
-
-_SHUTDOWN = object()
-
-
-class ThreadedEngineCoreClient:
-    """Runs an EngineCore loop on a background thread; commands in through a queue, outputs to asyncio."""
-
-    def __init__(self, config: EngineConfig) -> None:
-        self.core = EngineCore(config)
-        self.max_model_len = self.core.max_model_len
-        self.eos_token_ids = self.core.eos_token_ids
-        self.model_path = self.core.model_path
-        self._commands: queue.Queue[Any] = queue.Queue()
-        self._outputs: asyncio.Queue[list[EngineCoreOutput] | BaseException] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = threading.Thread(target=self._run, name="engine-core", daemon=True)
-        self._started = False
-
-    def _ensure_started(self) -> None:
-        if not self._started:
-            self._loop = asyncio.get_running_loop()
-            self._outputs = asyncio.Queue()
-            self._thread.start()
-            self._started = True
-
-    def add_request(self, request: EngineCoreRequest) -> None:
-        self._ensure_started()
-        self._commands.put(("add", request))
-
-    def abort(self, request_ids: list[str]) -> None:
-        self._commands.put(("abort", request_ids))
-
-    async def get_outputs(self) -> list[EngineCoreOutput]:
-        self._ensure_started()
-        assert self._outputs is not None
-        item = await self._outputs.get()
-        if isinstance(item, BaseException):
-            raise EngineDeadError(f"engine core failed: {item!r}") from item
-        return item
-
-    def shutdown(self) -> None:
-        self._commands.put(_SHUTDOWN)
-        if self._started:
-            self._thread.join(timeout=30)
-        self.core.shutdown()
-
-    def _emit(self, item: list[EngineCoreOutput] | BaseException) -> None:
-        assert self._loop is not None and self._outputs is not None
-        self._loop.call_soon_threadsafe(self._outputs.put_nowait, item)
-
-    def _handle(self, command: Any) -> list[EngineCoreOutput]:
-        kind, payload = command
-        if kind == "add":
-            try:
-                self.core.add_request(payload)
-            except ValueError as exc:  # validated at the edge; this is the last guard, never a crash
-                logger.warning("rejected request %s: %s", payload.request_id, exc)
-                return [
-                    EngineCoreOutput(
-                        request_id=payload.request_id,
-                        new_token_ids=[],
-                        finish_reason=FinishReason.ABORT,
-                        stop_reason=str(exc),
-                    )
-                ]
-            return []
-        return self.core.abort(payload)
-
-    def _run(self) -> None:
-        try:
-            while True:
-                outputs: list[EngineCoreOutput] = []
-                block = not self.core.has_work()
-                while True:
-                    try:
-                        command = self._commands.get(block=block)
-                    except queue.Empty:
-                        break
-                    if command is _SHUTDOWN:
-                        return
-                    outputs.extend(self._handle(command))
-                    block = False
-                if self.core.has_work():
-                    outputs.extend(self.core.step())
-                if outputs:
-                    self._emit(outputs)
-        except BaseException as exc:  # surface to every waiting request instead of hanging them
-            logger.exception("engine core loop died")
-            self._emit(exc)
+    def __init__(self) -> None:
+        self.arrival = time.monotonic()
+        self.first_token: float | None = None
+        self.last_token: float | None = None
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig | None = None, client: EngineCoreClient | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        client: EngineCoreClient | None = None,
+        *,
+        in_process: bool = False,
+        model_name: str | None = None,
+    ) -> None:
+        """`in_process`: run the core on a thread here instead of in its own process."""
         self.config = config or EngineConfig()
-        self.client: EngineCoreClient = client or ThreadedEngineCoreClient(self.config)
-        self.model_path = getattr(self.client, "model_path", None) or self.config.model_path()
+        if client is None:
+            client = InprocEngineCoreClient(self.config) if in_process else MPEngineCoreClient(self.config)
+        self.client: EngineCoreClient = client
+        self.model_path = self.client.model_path
+        self.metrics = EngineMetrics(model_name or self.model_path.name)
+        self._timings: dict[str, _Timing] = {}
         self.tokenizer = Tokenizer(self.model_path)
         self.eos_token_ids = sorted(set(self.tokenizer.eos_token_ids) | set(self.client.eos_token_ids))
         self.max_model_len = self.client.max_model_len
@@ -175,6 +100,7 @@ class AsyncLLM:
             )
         self._ensure_output_task()
         state = RequestState(request_id, text, ids, params, self.tokenizer)
+        self._timings[request_id] = timing = _Timing()
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = outputs
         self._states[request_id] = state
@@ -188,6 +114,7 @@ class AsyncLLM:
                         prompt_token_ids=ids,
                         sampling_params=seq.params,
                         eos_token_ids=self.eos_token_ids,
+                        arrival_time=timing.arrival,
                         priority=priority,
                     )
                 )
@@ -206,6 +133,8 @@ class AsyncLLM:
         finally:
             self._queues.pop(request_id, None)
             self._states.pop(request_id, None)
+            self._timings.pop(request_id, None)
+            self.metrics.record_finished(_finish_reason(state), time.monotonic() - timing.arrival)
             live = self._processor.remove(state)
             if live and self._dead is None:
                 self.client.abort(live)
@@ -224,8 +153,9 @@ class AsyncLLM:
     async def _output_loop(self) -> None:
         try:
             while True:
-                outputs = await self.client.get_outputs()
-                touched, to_abort = self._processor.process(outputs)
+                batch = await self.client.get_outputs()
+                self._observe(batch)
+                touched, to_abort = self._processor.process(batch.outputs)
                 if to_abort:
                     self.client.abort(to_abort)
                 for state in touched:
@@ -237,10 +167,42 @@ class AsyncLLM:
             for queue_ in self._queues.values():
                 queue_.put_nowait(exc)
 
+    def _observe(self, batch: EngineCoreOutputs) -> None:
+        if batch.stats is not None:
+            self.metrics.record_stats(batch.stats)
+        now = time.monotonic()
+        for out in batch.outputs:
+            if out.queue_time is not None:
+                self.metrics.record_queue_time(out.queue_time)
+            if not out.new_token_ids:
+                continue
+            entry = self._processor.children.get(out.request_id)
+            timing = self._timings.get(entry[0].request_id) if entry is not None else None
+            if timing is None:
+                continue
+            if timing.first_token is None:
+                timing.first_token = now
+                self.metrics.record_first_token(now - timing.arrival, len(entry[0].prompt_token_ids))
+                itl = None
+            else:
+                itl = now - timing.last_token if timing.last_token is not None else None
+            timing.last_token = now
+            self.metrics.record_tokens(len(out.new_token_ids), itl)
+
+    def is_alive(self) -> bool:
+        return self._dead is None and self.client.is_alive()
+
     def shutdown(self) -> None:
         if self._output_task is not None:
             self._output_task.cancel()
         self.client.shutdown()
+
+
+def _finish_reason(state: RequestState) -> str:
+    reasons = [s.output.finish_reason for s in state.sequences.values()]
+    if all(r is not None for r in reasons):
+        return "length" if "length" in reasons else str(reasons[0])
+    return "abort"
 
 
 def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:

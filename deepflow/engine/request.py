@@ -57,6 +57,8 @@ class Request:
         self.num_pending_tokens = 0
         self.num_computed_tokens = 0
         self.num_preemptions = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
+        self.first_scheduled_time: float | None = None
         self.status = RequestStatus.WAITING
 
     @property
@@ -144,3 +146,20 @@ class EngineCoreOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    queue_time: float | None = None  # on a request's first output: seconds from arrival to first scheduled
+
+
+class SchedulerStats(msgspec.Struct, kw_only=True):
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions_total: int
+    prefix_cache_queries_total: int
+    prefix_cache_hits_total: int
+
+
+class EngineCoreOutputs(msgspec.Struct, kw_only=True, tag="outputs"):
+    """What one engine step sends to the front end: per-request outputs and the scheduler's gauges."""
+
+    outputs: list[EngineCoreOutput]
+    stats: SchedulerStats | None = None

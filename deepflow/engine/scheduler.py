@@ -11,6 +11,7 @@ request whose step will sample counts one pending token until the sampled id arr
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass
 
 from deepflow.cache.block_pool import BlockPool
@@ -24,6 +25,7 @@ from deepflow.engine.request import (
     Request,
     RequestStatus,
     SchedulerOutput,
+    SchedulerStats,
 )
 
 
@@ -41,14 +43,6 @@ class SchedulerConfig:
             raise ValueError("without chunked prefill max_num_batched_tokens must be >= max_model_len")
 
 
-@dataclass
-class SchedulerStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_preemptions_total: int
-
-
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_pool: BlockPool) -> None:
         self.config = config
@@ -59,6 +53,8 @@ class Scheduler:
         self._forget: list[str] = []  # executor state to drop at the next step
         self._preempted: list[str] = []  # executor KV state to drop at the next step
         self.num_preemptions_total = 0
+        self.prefix_cache_queries_total = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_cache_hits_total = 0  # of those, tokens found cached
 
     # ---- requests in and out -------------------------------------------------------------------------
     def add_request(self, core_request: EngineCoreRequest) -> None:
@@ -102,6 +98,8 @@ class Scheduler:
             num_waiting=len(self.waiting),
             kv_cache_usage=self.block_pool.usage,
             num_preemptions_total=self.num_preemptions_total,
+            prefix_cache_queries_total=self.prefix_cache_queries_total,
+            prefix_cache_hits_total=self.prefix_cache_hits_total,
         )
 
     # ---- one step ----------------------------------------------------------------------------------
@@ -167,6 +165,7 @@ class Scheduler:
             reason, stop_token = request.check_stop()
             if reason is not None:
                 self._finish(request)
+            first = len(request.output_token_ids) == 1 and request.first_scheduled_time is not None
             outputs.append(
                 EngineCoreOutput(
                     request_id=request_id,
@@ -174,6 +173,8 @@ class Scheduler:
                     new_logprobs=[logprobs] if logprobs is not None else [],
                     finish_reason=reason,
                     stop_reason=stop_token,
+                    num_cached_tokens=request.num_cached_tokens,
+                    queue_time=request.first_scheduled_time - request.arrival_time if first else None,
                 )
             )
         return outputs
@@ -222,6 +223,9 @@ class Scheduler:
                     num_computed_tokens=request.num_computed_tokens,
                 )
             )
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+                self.prefix_cache_queries_total += len(request.prompt_token_ids)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             admitted.append(request)

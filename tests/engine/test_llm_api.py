@@ -103,7 +103,7 @@ def test_async_streaming_matches_offline_and_abort_frees_blocks(smollm2_dir: Pat
     expected = llm.generate("The history of Rome", params)[0].outputs[0]
 
     async def scenario() -> None:
-        engine = AsyncLLM(EngineConfig(model=str(smollm2_dir), dtype="float32"))
+        engine = AsyncLLM(EngineConfig(model=str(smollm2_dir), dtype="float32"), in_process=True)
         core = engine.client.core  # type: ignore[attr-defined]
         try:
             text, deltas = "", 0

@@ -1,0 +1,218 @@
+"""A tiny OpenAI-compatible SSE server on 127.0.0.1 for the benchmark tests (plain asyncio, no model).
+
+It streams one word per chunk with deterministic delays (first chunk after `ttft_s`, then every `itl_s`), so
+measured latencies are checkable; it fakes a block-aligned prefix cache (`cached_tokens`), a whitespace
+tokenizer behind `POST /tokenize`, and injects failures on chosen request numbers. It runs on its own thread
+and event loop so that both `asyncio.run(run_benchmark(...))` and the CLI can drive it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+CHAT_OVERHEAD = 3  # template tokens the fake adds per chat message
+
+
+def fake_token_ids(text: str) -> list[int]:
+    """Whitespace 'tokenizer': one stable id per word."""
+    return [100 + zlib.crc32(w.encode()) % 30000 for w in text.split()]
+
+
+@dataclass
+class Behavior:
+    """What the fake does; request numbers count completion requests from 1, in arrival order."""
+
+    ttft_s: float = 0.05
+    itl_s: float = 0.01
+    fail_every: int = 0  # every k-th request answers HTTP 500
+    error_event_every: int = 0  # every k-th request sends an error event after one token
+    hang_every: int = 0  # every k-th request never answers (client timeout)
+    report_usage: bool = True
+    report_cached: bool = True
+    block_size: int = 16
+    api_key: str | None = None
+    tokenize: bool = True  # serve POST /tokenize
+
+
+@dataclass
+class FakeOpenAIServer:
+    behavior: Behavior = field(default_factory=Behavior)
+    port: int = 0
+    requests: list[dict[str, Any]] = field(default_factory=list)  # bodies, in arrival order
+    arrivals: list[float] = field(default_factory=list)  # perf_counter() at arrival
+    in_flight: int = 0
+    max_in_flight: int = 0
+    tokenize_calls: int = 0
+
+    def __post_init__(self) -> None:
+        self._blocks: set[tuple[int, ...]] = set()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> FakeOpenAIServer:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("fake server did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    # -- server plumbing -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._loop.run_until_complete(self._serve())
+        self._loop.close()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            tasks.add(task)
+            try:
+                await self._connection(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                tasks.discard(task)
+                writer.close()
+
+        server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        await self._stop.wait()
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            method, path, _ = line.decode().split(" ", 2)
+            headers: dict[str, str] = {}
+            while (header := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                key, _, value = header.decode().partition(":")
+                headers[key.strip().lower()] = value.strip()
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            await self._dispatch(method, path, headers, body, writer)
+
+    @staticmethod
+    async def _send_json(writer: asyncio.StreamWriter, status: int, obj: Any) -> None:
+        data = json.dumps(obj).encode()
+        head = f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        writer.write(head.encode() + data)
+        await writer.drain()
+
+    @staticmethod
+    async def _send_event(writer: asyncio.StreamWriter, obj: Any) -> None:
+        payload = f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
+        writer.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+        await writer.drain()
+
+    # -- endpoints -------------------------------------------------------------------------------------
+
+    async def _dispatch(
+        self, method: str, path: str, headers: dict[str, str], raw: bytes, writer: asyncio.StreamWriter
+    ) -> None:
+        b = self.behavior
+        if b.api_key is not None and headers.get("authorization") != f"Bearer {b.api_key}":
+            await self._send_json(writer, 401, {"error": {"message": "bad api key"}})
+            return
+        body = json.loads(raw or b"{}")
+        if method == "POST" and path == "/tokenize" and b.tokenize:
+            self.tokenize_calls += 1
+            await self._send_json(writer, 200, {"tokens": fake_token_ids(body["prompt"])})
+        elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                await self._complete(path == "/v1/chat/completions", body, writer)
+            finally:
+                self.in_flight -= 1
+        else:
+            await self._send_json(writer, 404, {"error": {"message": f"no route {path}"}})
+
+    def _prompt_ids(self, chat: bool, body: dict[str, Any]) -> list[int]:
+        if not chat:
+            prompt = body["prompt"]
+            return list(prompt) if isinstance(prompt, list) else fake_token_ids(prompt)
+        ids: list[int] = []
+        for message in body["messages"]:
+            ids += [1] * CHAT_OVERHEAD + fake_token_ids(message["content"])
+        return ids
+
+    def _cached(self, ids: list[int]) -> int:
+        """Longest block-aligned prefix seen before (at most len-1 tokens); then remember this prompt."""
+        size = self.behavior.block_size
+        cached = 0
+        for end in range(size, len(ids), size):
+            if tuple(ids[:end]) not in self._blocks:
+                break
+            cached = end
+        for end in range(size, len(ids) + 1, size):
+            self._blocks.add(tuple(ids[:end]))
+        return cached
+
+    async def _complete(self, chat: bool, body: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        b = self.behavior
+        self.requests.append(body)
+        self.arrivals.append(time.perf_counter())
+        number = len(self.requests)
+        ids = self._prompt_ids(chat, body)
+        cached = self._cached(ids)
+        if b.fail_every and number % b.fail_every == 0:
+            await self._send_json(writer, 500, {"error": {"message": f"injected failure #{number}"}})
+            return
+        if b.hang_every and number % b.hang_every == 0:
+            await asyncio.sleep(3600)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str) -> dict[str, Any]:
+            choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
+            return {"object": kind, "choices": [choice]}
+
+        if chat:  # the role chunk carries no content: TTFT must not stop at it
+            await self._send_event(
+                writer, {"object": kind, "choices": [{"index": 0, "delta": {"role": "a"}}]}
+            )
+        n = int(body.get("max_tokens") or 16)
+        for i in range(n):
+            await asyncio.sleep(b.ttft_s if i == 0 else b.itl_s)
+            await self._send_event(writer, chunk(f" w{i}"))
+            if i == 0 and b.error_event_every and number % b.error_event_every == 0:
+                await self._send_event(writer, {"error": {"message": "injected stream error"}})
+                break
+        else:
+            if b.report_usage:
+                usage: dict[str, Any] = {
+                    "prompt_tokens": len(ids),
+                    "completion_tokens": n,
+                    "total_tokens": len(ids) + n,
+                }
+                if b.report_cached:
+                    usage["prompt_tokens_details"] = {"cached_tokens": cached}
+                await self._send_event(writer, {"object": kind, "choices": [], "usage": usage})
+            await self._send_event(writer, "[DONE]")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
