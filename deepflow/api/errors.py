@@ -89,10 +89,17 @@ def internal_error(exc: BaseException) -> APIError:
     return APIError(f"Internal server error: {type(exc).__name__}: {exc}", status_code=500, type=SERVER_ERROR)
 
 
+def _is_union_tag(part: str) -> bool:
+    """pydantic adds the union member it tried to `loc` ('str', 'list[int]', 'StreamOptions', ...)."""
+    return part[:1].isupper() or any(c in part for c in "[]-()") or part in {"str", "int", "float", "bool"}
+
+
 def _loc_to_param(loc: tuple[int | str, ...]) -> str:
     """('messages', 0, 'content') -> 'messages[0].content', the way OpenAI names nested parameters."""
     out = ""
     for part in loc:
+        if isinstance(part, str) and _is_union_tag(part):
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
         else:

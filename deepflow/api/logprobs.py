@@ -20,7 +20,11 @@ from deepflow.engine.tokenizer import Tokenizer
 
 def _gpt2_byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's `bytes_to_unicode`: the printable character that stands for each byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars = list(printable)
     extra = 0
     for b in range(256):

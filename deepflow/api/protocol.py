@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deepflow.api.errors import APIError, invalid, unsupported
+from deepflow.api.errors import invalid, unsupported
 from deepflow.engine.sampling_params import SamplingParams
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -33,14 +33,6 @@ class TextPart(StrictModel):
     type: Literal["text"]
     text: str
 
-    @model_validator(mode="before")
-    @classmethod
-    def _only_text(cls, value: Any) -> Any:
-        """Say plainly that images/audio/files are unsupported instead of "Input should be 'text'"."""
-        if isinstance(value, dict) and value.get("type") not in (None, "text"):
-            raise ValueError(f"content parts of type {value.get('type')!r} are not supported, only 'text'")
-        return value
-
 
 class ChatMessage(StrictModel):
     role: str
@@ -50,6 +42,20 @@ class ChatMessage(StrictModel):
     tool_calls: list[Any] | None = None
     tool_call_id: str | None = None
     function_call: Any = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        """Say plainly that images/audio/files are unsupported instead of listing failed union branches."""
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError("content must be a string or a list of content parts")
+        for j, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(f"content[{j}] has type {kind!r}; only 'text' content parts are supported")
+        return value
 
     @field_validator("role")
     @classmethod
@@ -291,7 +297,7 @@ class TokenizeRequest(StrictModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    add_special_tokens: bool | None = None  # prompt: default True; messages: the template decides
+    add_special_tokens: bool | None = None  # prompt: default True; messages: default False (template's BOS)
     add_generation_prompt: bool | None = None  # messages only; default True
 
     @model_validator(mode="after")
@@ -432,16 +438,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-__all__ = [
-    "APIError",
-    "ChatCompletionChunk",
-    "ChatCompletionRequest",
-    "ChatCompletionResponse",
-    "CompletionRequest",
-    "CompletionResponse",
-    "DetokenizeRequest",
-    "TokenizeRequest",
-    "Usage",
-]

@@ -35,7 +35,7 @@ class RequestRecord:
     session: int
     turn: int
     prompt_len: int  # tokens we built (chat: without the template's tokens)
-    start_s: float = 0.0
+    start_s: float | None = None  # None: never sent
     success: bool = False
     error: str | None = None
     error_kind: str | None = None  # short, groupable: "HTTP 500", "timeout", "stream error", ...
@@ -120,7 +120,8 @@ def chat_payload(
 
 async def iter_sse_data(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, str]]:
     """(event, data) of each server-sent event; multi-line data is joined with newlines, comments skipped."""
-    event, data = "message", []
+    event = "message"
+    data: list[str] = []
     async for raw in lines:
         line = raw.rstrip("\r\n")
         if not line:

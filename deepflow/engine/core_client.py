@@ -235,9 +235,12 @@ class MPEngineCoreClient:
         self._tmp = tempfile.TemporaryDirectory(prefix="deepflow-core-")
         command_addr = f"ipc://{self._tmp.name}/commands"
         output_addr = f"ipc://{self._tmp.name}/outputs"
-        self._context = zmq.asyncio.Context()
-        self._commands = self._context.socket(zmq.PUSH)
+        # Commands go out on a plain socket (usable with or without a running event loop, e.g. at
+        # shutdown); outputs come in on an asyncio one.
+        self._sync_context = zmq.Context()
+        self._commands = self._sync_context.socket(zmq.PUSH)
         self._commands.bind(command_addr)
+        self._context = zmq.asyncio.Context()
         self._outputs = self._context.socket(zmq.PULL)
         self._outputs.bind(output_addr)
         mp = multiprocessing.get_context("spawn")
@@ -308,4 +311,5 @@ class MPEngineCoreClient:
                 self._process.kill()
                 self._process.join(timeout=5)
         self._context.destroy(linger=0)
+        self._sync_context.destroy(linger=0)
         self._tmp.cleanup()

@@ -2,8 +2,8 @@
 
 It streams one word per chunk with deterministic delays (first chunk after `ttft_s`, then every `itl_s`), so
 measured latencies are checkable; it fakes a block-aligned prefix cache (`cached_tokens`), a whitespace
-tokenizer behind `POST /tokenize`, and injects failures on chosen request numbers. It runs on its own thread
-and event loop so that both `asyncio.run(run_benchmark(...))` and the CLI can drive it.
+tokenizer behind `POST /tokenize`, and injects failures on chosen request numbers. `async with` serves it
+from the caller's event loop (timing tests); `with` runs it on its own thread and loop (for the CLI).
 """
 
 from __future__ import annotations
@@ -52,57 +52,63 @@ class FakeOpenAIServer:
 
     def __post_init__(self) -> None:
         self._blocks: set[tuple[int, ...]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
         self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> FakeOpenAIServer:
+        """Serve from a thread with its own loop (for code that runs its own `asyncio.run`, like the CLI)."""
+        self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         if not self._ready.wait(10):
             raise RuntimeError("fake server did not start")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        assert self._loop is not None and self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
+        assert self._loop is not None and self._thread is not None
+        asyncio.run_coroutine_threadsafe(self.__aexit__(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+    async def __aenter__(self) -> FakeOpenAIServer:
+        """Serve from the caller's event loop: no second thread competing for the GIL, so tighter timings."""
+        self._server = await asyncio.start_server(self._on_connect, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- server plumbing -------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._loop.run_until_complete(self._serve())
-        self._loop.close()
-
-    async def _serve(self) -> None:
-        self._stop = asyncio.Event()
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            tasks.add(task)
-            try:
-                await self._connection(reader, writer)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                tasks.discard(task)
-                writer.close()
-
-        server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
+        self._loop = loop = asyncio.new_event_loop()
+        loop.run_until_complete(self.__aenter__())
         self._ready.set()
-        await self._stop.wait()
-        server.close()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        loop.run_forever()
+        loop.close()
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._connection(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while line := await reader.readline():

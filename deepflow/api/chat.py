@@ -1,0 +1,168 @@
+"""POST /v1/chat/completions: the model's chat template, then one engine request with `n` sequences."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import jinja2
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import Request
+
+from deepflow.api.errors import APIError, engine_dead, internal_error, invalid
+from deepflow.api.logprobs import chat_logprobs
+from deepflow.api.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    Usage,
+)
+from deepflow.api.state import ServerState, finish_reason, new_id, usage_numbers
+from deepflow.api.streaming import DONE, ClientDisconnected, merge, sse, sse_error, unless_disconnected
+from deepflow.engine.async_llm import EngineDeadError
+from deepflow.engine.outputs import RequestOutput
+from deepflow.engine.tokenizer import TokenizerError
+
+logger = logging.getLogger(__name__)
+
+
+def encode_chat(
+    state: ServerState,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool = True,
+    add_special_tokens: bool = False,
+) -> list[int]:
+    """Template text, then tokens; by default no added specials: the template writes BOS where wanted."""
+    try:
+        text = state.tokenizer.apply_chat_template(
+            [m.for_template() for m in messages], add_generation_prompt=add_generation_prompt
+        )
+    except (TokenizerError, jinja2.TemplateError, ValueError, TypeError) as exc:
+        raise invalid(f"Could not apply the chat template: {exc}", param="messages") from exc
+    return state.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+async def create_chat_completion(
+    state: ServerState, body: ChatCompletionRequest, request: Request
+) -> Response:
+    body.check_supported()
+    state.check_model(body.model)
+    prompt_ids = encode_chat(state, body.messages)
+    max_tokens = body.max_new_tokens()
+    state.check_context(len(prompt_ids), max_tokens, "messages")
+    params = body.sampling_params(max_tokens, body.num_logprobs())
+    state.check_alive()
+    request_id = new_id("chatcmpl")
+    stream = state.engine.generate(prompt_ids, params, request_id, priority=body.priority or 0)
+    run = _ChatRun(state, body, request_id, params.n)
+    if body.streaming:
+        return StreamingResponse(run.stream(stream), media_type="text/event-stream")
+    try:
+        final = await unless_disconnected(request, run.collect(stream))
+    except ClientDisconnected:
+        logger.info("%s: client disconnected, request aborted", request_id)
+        return Response(status_code=499)
+    except EngineDeadError as exc:
+        raise engine_dead(exc) from exc
+    except ValueError as exc:
+        raise invalid(str(exc)) from exc
+    return JSONResponse(run.response(final).model_dump(mode="json"))
+
+
+class _ChatRun:
+    def __init__(self, state: ServerState, body: ChatCompletionRequest, request_id: str, n: int) -> None:
+        self.state = state
+        self.body = body
+        self.request_id = request_id
+        self.n = n
+        self.wants_logprobs = bool(body.logprobs)
+        self.created = int(time.time())
+
+    @staticmethod
+    async def collect(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+        final: RequestOutput | None = None
+        merged = merge([stream])
+        try:
+            async for _, output in merged:
+                final = output
+        finally:
+            await merged.aclose()
+        assert final is not None, "the engine stream ended without output"
+        return final
+
+    def response(self, final: RequestOutput) -> ChatCompletionResponse:
+        choices = [
+            ChatChoice(
+                index=seq.index,
+                message=AssistantMessage(content=seq.text),
+                logprobs=chat_logprobs(self.state.decoder, seq.logprobs or [])
+                if self.wants_logprobs
+                else None,
+                finish_reason=finish_reason(seq),
+                stop_reason=seq.stop_reason,
+            )
+            for seq in final.outputs
+        ]
+        return ChatCompletionResponse(
+            id=self.request_id,
+            created=self.created,
+            model=self.state.served_model_name,
+            choices=choices,
+            usage=Usage.of(*usage_numbers([final])),
+        )
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.request_id,
+            created=self.created,
+            model=self.state.served_model_name,
+            choices=choices,
+            usage=usage,
+        )
+
+    async def stream(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[bytes]:
+        exclude = None if self.body.include_usage else {"usage"}
+        final: RequestOutput | None = None
+        done: set[int] = set()
+        merged = merge([stream])
+        try:
+            for index in range(self.n):
+                role = ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""})
+                yield sse(self._chunk([role]), exclude)
+            async for _, output in merged:
+                final = output
+                for seq in output.outputs:
+                    has_logprobs = self.wants_logprobs and bool(seq.delta_logprobs)
+                    if seq.index in done or not (seq.delta_text or seq.finished or has_logprobs):
+                        continue
+                    if seq.finished:
+                        done.add(seq.index)
+                    choice = ChatChunkChoice(
+                        index=seq.index,
+                        delta={"content": seq.delta_text} if seq.delta_text else {},
+                        logprobs=chat_logprobs(self.state.decoder, seq.delta_logprobs)
+                        if has_logprobs
+                        else None,
+                        finish_reason=finish_reason(seq),
+                        stop_reason=seq.stop_reason,
+                    )
+                    yield sse(self._chunk([choice]), exclude)
+            if self.body.include_usage and final is not None:
+                yield sse(self._chunk([], Usage.of(*usage_numbers([final]))))
+        except APIError as err:
+            yield sse_error(err)
+        except EngineDeadError as exc:
+            yield sse_error(engine_dead(exc))
+        except ValueError as exc:
+            yield sse_error(invalid(str(exc)))
+        except Exception as exc:
+            logger.exception("%s: stream failed", self.request_id)
+            yield sse_error(internal_error(exc))
+        finally:
+            await merged.aclose()
+        yield DONE

@@ -1,0 +1,186 @@
+"""POST /v1/completions: one engine request per prompt (the engine fans each out to `n` sequences)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import Request
+
+from deepflow.api.errors import APIError, engine_dead, internal_error, invalid
+from deepflow.api.logprobs import CompletionLogprobsBuilder
+from deepflow.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
+from deepflow.api.state import ServerState, finish_reason, new_id, usage_numbers
+from deepflow.api.streaming import DONE, ClientDisconnected, merge, sse, sse_error, unless_disconnected
+from deepflow.engine.async_llm import EngineDeadError
+from deepflow.engine.outputs import RequestOutput
+from deepflow.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class _Prompt:
+    __slots__ = ("ids", "text")
+
+    def __init__(self, text: str, ids: list[int]) -> None:
+        self.text = text
+        self.ids = ids
+
+
+def _prepare_prompts(state: ServerState, body: CompletionRequest) -> list[_Prompt]:
+    prompts = body.prompts()
+    out = []
+    for i, prompt in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        if isinstance(prompt, str):
+            out.append(_Prompt(prompt, state.tokenizer.encode(prompt)))
+        else:
+            state.check_token_ids(prompt, param)
+            # Echo shows what the model saw, special tokens included.
+            out.append(_Prompt(state.tokenizer.decode(prompt, skip_special_tokens=False), prompt))
+        state.check_context(len(out[-1].ids), body.max_tokens, param)
+    return out
+
+
+async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Response:
+    body.check_supported()
+    state.check_model(body.model)
+    prompts = _prepare_prompts(state, body)
+    params = body.sampling_params(body.max_tokens, body.logprobs)
+    state.check_alive()
+    request_id = new_id("cmpl")
+    streams = [
+        state.engine.generate(
+            p.ids,
+            params,
+            request_id if len(prompts) == 1 else f"{request_id}-{i}",
+            priority=body.priority or 0,
+        )
+        for i, p in enumerate(prompts)
+    ]
+    run = _Run(state, body, params, request_id, prompts)
+    if body.streaming:
+        return StreamingResponse(run.stream(streams), media_type="text/event-stream")
+    try:
+        finals = await unless_disconnected(request, run.collect(streams))
+    except ClientDisconnected:
+        logger.info("%s: client disconnected, request aborted", request_id)
+        return Response(status_code=499)
+    except EngineDeadError as exc:
+        raise engine_dead(exc) from exc
+    except ValueError as exc:
+        raise invalid(str(exc)) from exc
+    return JSONResponse(run.response(finals).model_dump(mode="json"))
+
+
+class _Run:
+    """One completion request's response assembly, shared by the streaming and non-streaming paths."""
+
+    def __init__(
+        self,
+        state: ServerState,
+        body: CompletionRequest,
+        params: SamplingParams,
+        request_id: str,
+        prompts: list[_Prompt],
+    ) -> None:
+        self.state = state
+        self.body = body
+        self.params = params
+        self.request_id = request_id
+        self.prompts = prompts
+        self.n = params.n
+        self.echo = bool(body.echo)
+        self.created = int(time.time())
+
+    def _logprobs_builder(self) -> CompletionLogprobsBuilder:
+        # echo + logprobs is refused (no prompt logprobs), so offsets always start at the completion.
+        return CompletionLogprobsBuilder(self.state.decoder, 0, self.params.skip_special_tokens)
+
+    def _envelope(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
+        return CompletionResponse(
+            id=self.request_id,
+            created=self.created,
+            model=self.state.served_model_name,
+            choices=choices,
+            usage=usage,
+        )
+
+    @staticmethod
+    async def collect(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+        finals: dict[int, RequestOutput] = {}
+        merged = merge(streams)
+        try:
+            async for index, output in merged:
+                finals[index] = output
+        finally:
+            await merged.aclose()
+        return [finals[i] for i in range(len(streams))]
+
+    def response(self, finals: list[RequestOutput]) -> CompletionResponse:
+        choices = []
+        for i, output in enumerate(finals):
+            for seq in output.outputs:
+                logprobs = None
+                if self.body.logprobs is not None:
+                    logprobs = self._logprobs_builder().build(seq.logprobs or [])
+                choices.append(
+                    CompletionChoice(
+                        index=i * self.n + seq.index,
+                        text=(self.prompts[i].text if self.echo else "") + seq.text,
+                        logprobs=logprobs,
+                        finish_reason=finish_reason(seq),
+                        stop_reason=seq.stop_reason,
+                    )
+                )
+        choices.sort(key=lambda c: c.index)
+        return self._envelope(choices, Usage.of(*usage_numbers(finals)))
+
+    async def stream(self, streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[bytes]:
+        exclude = None if self.body.include_usage else {"usage"}
+        finals: dict[int, RequestOutput] = {}
+        done: set[int] = set()
+        builders = {i: self._logprobs_builder() for i in range(len(self.prompts) * self.n)}
+        merged = merge(streams)
+        try:
+            if self.echo:
+                for i, prompt in enumerate(self.prompts):
+                    for j in range(self.n):
+                        choice = CompletionChoice(index=i * self.n + j, text=prompt.text)
+                        yield sse(self._envelope([choice]), exclude)
+            async for i, output in merged:
+                finals[i] = output
+                for seq in output.outputs:
+                    index = i * self.n + seq.index
+                    wants_logprobs = self.body.logprobs is not None
+                    if index in done or not (
+                        seq.delta_text or seq.finished or (wants_logprobs and seq.delta_logprobs)
+                    ):
+                        continue
+                    if seq.finished:
+                        done.add(index)
+                    choice = CompletionChoice(
+                        index=index,
+                        text=seq.delta_text,
+                        logprobs=builders[index].build(seq.delta_logprobs) if wants_logprobs else None,
+                        finish_reason=finish_reason(seq),
+                        stop_reason=seq.stop_reason,
+                    )
+                    yield sse(self._envelope([choice]), exclude)
+            if self.body.include_usage:
+                usage = Usage.of(*usage_numbers([finals[i] for i in range(len(self.prompts))]))
+                yield sse(self._envelope([], usage))
+        except APIError as err:
+            yield sse_error(err)
+        except EngineDeadError as exc:
+            yield sse_error(engine_dead(exc))
+        except ValueError as exc:
+            yield sse_error(invalid(str(exc)))
+        except Exception as exc:
+            logger.exception("%s: stream failed", self.request_id)
+            yield sse_error(internal_error(exc))
+        finally:
+            await merged.aclose()
+        yield DONE

@@ -1,0 +1,211 @@
+"""The OpenAI-compatible HTTP app: routes, bearer auth, request ids, error shapes and metrics.
+
+Bodies are parsed by hand (`parse_body`) rather than through FastAPI's model parameters so that malformed
+JSON, unknown fields and bad values all become OpenAI-style 400s with the offending parameter named.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from deepflow import __version__
+from deepflow.api.chat import create_chat_completion, encode_chat
+from deepflow.api.completions import create_completion
+from deepflow.api.errors import (
+    APIError,
+    engine_dead,
+    from_validation_error,
+    install_error_handlers,
+    internal_error,
+    invalid,
+    model_not_found,
+)
+from deepflow.api.metrics import HTTPMetrics
+from deepflow.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    check_messages,
+)
+from deepflow.api.state import EngineClient, ServerState, engine_alive
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+REQUEST_ID_HEADER = "x-request-id"
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise invalid(
+            f"We could not parse the JSON body of your request ({exc}). The API expects a JSON object "
+            "sent with Content-Type: application/json."
+        ) from None
+    if not isinstance(data, dict):
+        raise invalid(f"The request body must be a JSON object, not {type(data).__name__}.")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+class RequestContextMiddleware:
+    """Pure ASGI (streams and disconnects pass through untouched): request ids, metrics, last-resort 500s."""
+
+    def __init__(self, app: ASGIApp, metrics: HTTPMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
+        request_id = (
+            incoming if incoming and len(incoming) <= 256 and incoming.isprintable() else uuid.uuid4().hex
+        )
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+        started = False
+        start = time.monotonic()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if started:
+                raise
+            logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            await internal_error(exc).response(headers={REQUEST_ID_HEADER: request_id})(scope, receive, send)
+        finally:
+            route = scope.get("route")
+            handler = getattr(route, "path", None) or "unmatched"
+            self.metrics.observe(scope.get("method", ""), handler, status, time.monotonic() - start)
+
+
+def _auth_dependency(api_key: str | None) -> Any:
+    expected = api_key.encode() if api_key else None
+
+    async def require_api_key(request: Request) -> None:
+        if expected is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header:
+            raise APIError(
+                "You didn't provide an API key. You need to provide your API key in an Authorization header "
+                "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                status_code=401,
+                code="invalid_api_key",
+            )
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+            raise APIError("Incorrect API key provided.", status_code=401, code="invalid_api_key")
+
+    return require_api_key
+
+
+def build_app(engine: EngineClient, served_model_name: str, api_key: str | None = None) -> FastAPI:
+    """The app serving `engine` as model `served_model_name`; `/v1/*` needs `api_key` when one is set."""
+    state = ServerState(engine=engine, served_model_name=served_model_name, api_key=api_key)
+    metrics = HTTPMetrics()
+    app = FastAPI(title="DeepFlow", version=__version__)
+    app.state.server = state
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth_dependency(api_key))])
+
+    def model_card() -> ModelCard:
+        return ModelCard(
+            id=served_model_name,
+            created=state.created,
+            root=str(engine.model_path),
+            max_model_len=engine.max_model_len,
+        )
+
+    @v1.get("/models")
+    async def list_models() -> JSONResponse:
+        return JSONResponse(ModelList(data=[model_card()]).model_dump(mode="json"))
+
+    @v1.get("/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> JSONResponse:
+        if model_id != served_model_name:
+            raise model_not_found(model_id)
+        return JSONResponse(model_card().model_dump(mode="json"))
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        return await create_completion(state, await parse_body(request, CompletionRequest), request)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await create_chat_completion(state, await parse_body(request, ChatCompletionRequest), request)
+
+    app.include_router(v1)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        body = await parse_body(request, TokenizeRequest)
+        state.check_model(body.model)
+        if body.messages is not None:
+            check_messages(body.messages)
+            add_generation_prompt = True if body.add_generation_prompt is None else body.add_generation_prompt
+            tokens = encode_chat(state, body.messages, add_generation_prompt, bool(body.add_special_tokens))
+        else:
+            if body.add_generation_prompt is not None:
+                raise invalid(
+                    "'add_generation_prompt' applies to 'messages' only", param="add_generation_prompt"
+                )
+            add_special = True if body.add_special_tokens is None else body.add_special_tokens
+            tokens = state.tokenizer.encode(body.prompt or "", add_special_tokens=add_special)
+        out = TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=engine.max_model_len)
+        return JSONResponse(out.model_dump())
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        body = await parse_body(request, DetokenizeRequest)
+        state.check_model(body.model)
+        state.check_token_ids(body.tokens, "tokens")
+        text = state.tokenizer.decode(body.tokens, skip_special_tokens=False)
+        return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not engine_alive(engine):
+            raise engine_dead()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": __version__})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(engine), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,123 @@
+"""What the HTTP layer needs from the engine, and the checks every generation endpoint shares.
+
+The server codes against the `EngineClient` protocol, not `AsyncLLM`'s internals, so the engine core can sit
+in another process (or be faked in tests) without touching this package.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from deepflow.api.errors import APIError, engine_dead, invalid, model_not_found
+from deepflow.api.logprobs import TokenDecoder
+from deepflow.engine.outputs import CompletionOutput, RequestOutput
+from deepflow.engine.sampling_params import SamplingParams
+from deepflow.engine.tokenizer import Tokenizer
+
+
+class EngineClient(Protocol):
+    tokenizer: Tokenizer
+    max_model_len: int
+    model_path: Path
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+
+def engine_alive(engine: Any) -> bool:
+    """`is_alive()` where the engine has it; an engine without it is taken to be alive."""
+    check = getattr(engine, "is_alive", None)
+    return bool(check()) if callable(check) else True
+
+
+@dataclass
+class ServerState:
+    engine: EngineClient
+    served_model_name: str
+    api_key: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    decoder: TokenDecoder = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.decoder = TokenDecoder(self.engine.tokenizer)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.served_model_name:
+            raise model_not_found(model)
+
+    def check_alive(self) -> None:
+        if not engine_alive(self.engine):
+            raise engine_dead()
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """Out-of-vocabulary ids would index past the embedding table inside the engine."""
+        vocab = self.tokenizer.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise invalid(f"token id {bad} is outside the vocabulary [0, {vocab})", param=param)
+
+    def check_context(self, prompt_len: int, max_tokens: int | None, param: str) -> None:
+        """OpenAI's context_length_exceeded, with the numbers, before anything reaches the engine."""
+        limit = self.max_model_len
+        what = "messages" if param == "messages" else "prompt"
+        if prompt_len == 0:
+            raise invalid(f"The {what} is empty (0 tokens).", param=param)
+        if max_tokens is None:
+            if prompt_len >= limit:
+                raise invalid(
+                    f"This model's maximum context length is {limit} tokens. However, your {what} resulted "
+                    f"in {prompt_len} tokens, which leaves no room for the completion. Please reduce the "
+                    f"length of the {what}.",
+                    param=param,
+                    code="context_length_exceeded",
+                )
+            return
+        if prompt_len + max_tokens > limit:
+            raise invalid(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the "
+                f"completion). Please reduce the length of the {what} or completion.",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def finish_reason(seq: CompletionOutput) -> str | None:
+    """OpenAI's reasons are stop/length; an engine-side abort is a failure of the request, not a reason."""
+    if seq.finish_reason == "abort":
+        detail = f": {seq.stop_reason}" if seq.stop_reason else ""
+        raise APIError(f"The engine aborted the request{detail}", status_code=500, type="server_error")
+    return seq.finish_reason
+
+
+def usage_numbers(outputs: list[RequestOutput]) -> tuple[int, int, int]:
+    """(prompt, completion, cached) tokens over a batch of prompts; each prompt counts once for n > 1."""
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(s.token_ids) for o in outputs for s in o.outputs)
+    cached = sum(o.num_cached_tokens for o in outputs)
+    return prompt, completion, cached

@@ -1,0 +1,109 @@
+"""Server-sent events and the plumbing that ties a request's lifetime to its HTTP connection.
+
+Whatever ends a response early (client gone, error, server shutdown), every engine stream must be closed:
+closing an `AsyncLLM.generate` iterator aborts the request in the engine and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from starlette.requests import Request
+
+from deepflow.api.errors import APIError
+
+T = TypeVar("T")
+
+DONE = b"data: [DONE]\n\n"
+_END = object()
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before the response was ready."""
+
+
+def sse(payload: BaseModel, exclude: set[str] | None = None) -> bytes:
+    return b"data: " + payload.model_dump_json(exclude=exclude).encode() + b"\n\n"
+
+
+def sse_error(error: APIError) -> bytes:
+    """Errors after the 200 went out travel as an event, the way OpenAI's streams report them."""
+    return b"data: " + json.dumps(error.body()).encode() + b"\n\n"
+
+
+async def _close(stream: AsyncIterator[Any]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(RuntimeError):  # already running elsewhere: its task's cancel closes it
+            await aclose()
+
+
+async def merge(streams: Sequence[AsyncIterator[T]]) -> AsyncGenerator[tuple[int, T], None]:
+    """Interleave several streams as items arrive, tagged with the stream's index.
+
+    One stream is passed through. On exit of any kind every stream is closed (its request aborted).
+    """
+    if len(streams) == 1:
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await _close(streams[0])
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait((index, item))
+            queue.put_nowait((index, _END))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+        finally:
+            await _close(stream)
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is _END:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()  # a task stuck inside the engine iterator: cancelling it closes that iterator
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """After the body is read, the next ASGI message is `http.disconnect`, sent when the client leaves."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and so aborting its engine requests) if the client disconnects first."""
+    task: asyncio.Future[T] = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
