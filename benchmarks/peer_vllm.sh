@@ -42,9 +42,12 @@
 #   SEED             --seed of the load generator (prompts derive from it) [0]
 #   BENCH_EXTRA_ARGS extra arguments for `deepflow bench serve`, identical for both servers []
 #   PREFIX_CACHING   on | off: vLLM --enable-prefix-caching / --no-enable-prefix-caching [on, vLLM's default]
-#   ENFORCE_EAGER    1: vLLM without torch.compile (--enforce-eager; cold start ~3x shorter) [0]
-#   PEER_COMPILE_CACHE fresh: vLLM compiles from an empty cache (true cold start, the default);
-#                    keep: reuse ~/.cache/vllm and the torch inductor cache across runs (warm-cache restart)
+#   ENFORCE_EAGER    1: vLLM without torch.compile (--enforce-eager; cold start ~33 s instead of ~100 s) [0]
+#   PEER_COMPILE_CACHE fresh: vLLM compiles from an empty cache (true cold start, ~100 s here; the default);
+#                    keep: reuse ~/.cache/vllm and the torch inductor cache across runs (warm-cache restart,
+#                    ~45 s here once a first run filled them). keep sets VLLM_USE_AOT_COMPILE=0 unless it is
+#                    set: vLLM 0.32's AOT artifacts fail to load with torch 2.13 ("'function' object has no
+#                    attribute 'finalize_loading'") and it silently recompiles every time.
 #   PEER_THREADS_BIND VLLM_CPU_OMP_THREADS_BIND (cores vLLM computes on; its default is one core) [0-1]
 #   PEER_KVCACHE_GB  VLLM_CPU_KVCACHE_SPACE, KV cache size in GiB [2]
 #   MAX_MODEL_LEN    --max-model-len of both servers [2048]
@@ -140,6 +143,7 @@ setup() {
 # ------------------------------------------------------------------------------------------ servers
 SERVER_PID=""
 SERVER_NAME=""
+BENCH_PID=""
 
 stop_server() {
     [[ -n "$SERVER_PID" ]] || return 0
@@ -160,6 +164,7 @@ stop_server() {
 
 cleanup() {
     local rc=$?
+    if [[ -n "$BENCH_PID" ]]; then kill -TERM "$BENCH_PID" 2>/dev/null || true; wait "$BENCH_PID" 2>/dev/null || true; fi
     stop_server
     if [[ -n "${FRESH_CACHE_DIR:-}" && -d "$FRESH_CACHE_DIR" ]]; then rm -rf "$FRESH_CACHE_DIR"; fi
     exit "$rc"
@@ -218,7 +223,9 @@ smoke() {
 
 launch_vllm() {
     local port="$1" args
-    args=(serve "$MODEL_DIR" --host 127.0.0.1 --port "$port" --dtype "$DTYPE" --max-model-len "$MAX_MODEL_LEN")
+    # --enable-prompt-tokens-details: report cached prompt tokens, so the load generator shows cache hits.
+    args=(serve "$MODEL_DIR" --host 127.0.0.1 --port "$port" --dtype "$DTYPE" --max-model-len "$MAX_MODEL_LEN"
+        --enable-prompt-tokens-details)
     case "$PREFIX_CACHING" in
         on) args+=(--enable-prefix-caching) ;;
         off) args+=(--no-enable-prefix-caching) ;;
@@ -233,7 +240,9 @@ launch_vllm() {
     if [[ "$PEER_COMPILE_CACHE" == fresh ]]; then
         FRESH_CACHE_DIR="$(mktemp -d /tmp/peer-vllm-cache.XXXXXX)"
         envs+=(VLLM_CACHE_ROOT="$FRESH_CACHE_DIR/vllm" TORCHINDUCTOR_CACHE_DIR="$FRESH_CACHE_DIR/inductor")
-    elif [[ "$PEER_COMPILE_CACHE" != keep ]]; then
+    elif [[ "$PEER_COMPILE_CACHE" == keep ]]; then
+        envs+=(VLLM_USE_AOT_COMPILE="${VLLM_USE_AOT_COMPILE:-0}")
+    else
         die "PEER_COMPILE_CACHE must be fresh or keep, not '$PEER_COMPILE_CACHE'"
     fi
     start_server vllm "$port" "$RESULT_DIR/vllm.log" env "${envs[@]}" "$PEER_VENV/bin/vllm" "${args[@]}"
@@ -270,8 +279,16 @@ run_load() {  # run_load SERVER PORT MODEL
         # shellcheck disable=SC2206
         args+=($BENCH_EXTRA_ARGS)
         log "$name: concurrency $c, $k prompts -> ${out#"$ROOT"/}"
-        "$DEEPFLOW" "${args[@]}" 2>&1 | tee "$RESULT_DIR/${name}_c$c.txt" >&2
-        [[ -s "$out" ]] || die "the load generator wrote no $out"
+        # In the background + wait, so that a signal to this script is handled at once (trap -> cleanup).
+        "$DEEPFLOW" "${args[@]}" >"$RESULT_DIR/${name}_c$c.txt" 2>&1 &
+        BENCH_PID=$!
+        local rc=0
+        wait "$BENCH_PID" || rc=$?
+        BENCH_PID=""
+        cat "$RESULT_DIR/${name}_c$c.txt" >&2
+        # Keep going: the table marks what is missing, and failed requests are listed under it.
+        if ((rc != 0)); then log "WARNING: the load generator exited $rc against $name at concurrency $c"; fi
+        if [[ ! -s "$out" ]]; then log "WARNING: the load generator wrote no ${out#"$ROOT"/}"; fi
     done
 }
 
@@ -303,6 +320,7 @@ TTFT_P50 = ("summary", "ttft_ms", "p50")  # milliseconds
 TPOT_P50 = ("summary", "tpot_ms", "p50")  # milliseconds
 FAILED = ("summary", "failed")  # requests that failed
 COMPLETED = ("summary", "completed")
+CACHE_HIT = ("summary", "cache_hit_fraction")  # cached / prompt tokens; None: server reports none
 
 root = Path(os.environ["RESULT_DIR"])
 
@@ -324,7 +342,10 @@ def fmt(x, digits=1):
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-concurrencies = [int(c) for c in os.environ["CONCURRENCIES"].split()]
+if os.environ.get("CONCURRENCIES", "").strip():
+    concurrencies = [int(c) for c in os.environ["CONCURRENCIES"].split()]
+else:  # `table DIR`: every concurrency that has a result file
+    concurrencies = sorted({int(f.stem.rsplit("_c", 1)[1]) for f in root.glob("*_c*.json")})
 lines = []
 meta = root / "config.txt"
 if meta.is_file():
@@ -347,6 +368,11 @@ for c in concurrencies:
     lines.append("| " + " | ".join(cells) + " |")
 lines.append("")
 lines.append("ratio = deepflow tok/s / vLLM tok/s (output tokens per second).")
+for c in concurrencies:
+    hits = [get(load(s, c), CACHE_HIT) if load(s, c) else None for s in ("deepflow", "vllm")]
+    if any(hits):
+        lines.append(f"prefix-cache hit fraction at concurrency {c}: deepflow {fmt(hits[0], 3)}, "
+                     f"vLLM {fmt(hits[1], 3)}")
 for c in concurrencies:
     for server in ("deepflow", "vllm"):
         doc = load(server, c)
@@ -446,7 +472,7 @@ case "${1:-}" in
     run) run ;;
     table)
         [[ -n "${2:-}" && -d "$2" ]] || die "usage: $0 table RESULT_DIR"
-        CONCURRENCIES="${CONCURRENCIES:-1 4 16 32}"
+        CONCURRENCIES="${CONCURRENCIES:-}"
         summarize "$2"
         ;;
     -h | --help | help | "") sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0" ;;
