@@ -23,7 +23,7 @@
 #   load for every concurrency C with our load generator
 #       .venv/bin/deepflow bench serve --base-url http://127.0.0.1:PORT --model NAME --dataset WORKLOAD
 #           --input-len IN --output-len OUT --concurrency C --num-prompts K --json RESULT_DIR/SERVER_cC.json
-#           --tokenizer MODEL_DIR --seed SEED --no-progress --label "SERVER c=C"
+#           --tokenizer MODEL_DIR --seed SEED+C --no-progress --label "SERVER c=C"
 #   (NAME is the id the server lists at /v1/models; --tokenizer makes the prompts identical for both servers)
 #   then stop the server (SIGTERM to its process group, SIGKILL after 30 s). A trap kills any server still
 #   running when the script exits, however it exits. Finally it prints (and saves as summary.md) a Markdown
@@ -39,7 +39,8 @@
 #   INPUT_LEN, OUTPUT_LEN   prompt / output tokens per request [256, 128]
 #   WORKLOAD         random | shared-prefix [random]; shared-prefix: every prompt is one common prefix of
 #                    PREFIX_LEN tokens [1024] followed by a unique INPUT_LEN-token suffix
-#   SEED             --seed of the load generator (prompts derive from it) [0]
+#   SEED             --seed of the load generator, plus the concurrency, so that no level re-sends an earlier
+#                    level's prompts (a server with prefix caching would get free hits) [0]
 #   BENCH_EXTRA_ARGS extra arguments for `deepflow bench serve`, identical for both servers []
 #   PREFIX_CACHING   on | off: vLLM --enable-prefix-caching / --no-enable-prefix-caching [on, vLLM's default]
 #   ENFORCE_EAGER    1: vLLM without torch.compile (--enforce-eager; cold start ~33 s instead of ~100 s) [0]
@@ -274,7 +275,7 @@ run_load() {  # run_load SERVER PORT MODEL
         out="$RESULT_DIR/${name}_c$c.json"
         args=(bench serve --base-url "http://127.0.0.1:$port" --model "$model" --dataset "$WORKLOAD"
             --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" --concurrency "$c" --num-prompts "$k" --json "$out"
-            --tokenizer "$MODEL_DIR" --seed "$SEED" --no-progress --label "$name c=$c")
+            --tokenizer "$MODEL_DIR" --seed "$((SEED + c))" --no-progress --label "$name c=$c")
         if [[ "$WORKLOAD" == shared-prefix ]]; then args+=(--prefix-len "$PREFIX_LEN"); fi
         # shellcheck disable=SC2206
         args+=($BENCH_EXTRA_ARGS)
