@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator
 
 import jinja2
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.requests import Request
 
 from deepflow.api.errors import APIError, engine_dead, internal_error, invalid
@@ -23,7 +23,7 @@ from deepflow.api.protocol import (
     Usage,
 )
 from deepflow.api.state import ServerState, finish_reason, new_id, usage_numbers
-from deepflow.api.streaming import DONE, ClientDisconnected, merge, sse, sse_error, unless_disconnected
+from deepflow.api.streaming import DONE, merge, respond_when_done, sse, sse_error
 from deepflow.engine.async_llm import EngineDeadError
 from deepflow.engine.outputs import RequestOutput
 from deepflow.engine.tokenizer import TokenizerError
@@ -62,16 +62,7 @@ async def create_chat_completion(
     run = _ChatRun(state, body, request_id, params.n)
     if body.streaming:
         return StreamingResponse(run.stream(stream), media_type="text/event-stream")
-    try:
-        final = await unless_disconnected(request, run.collect(stream))
-    except ClientDisconnected:
-        logger.info("%s: client disconnected, request aborted", request_id)
-        return Response(status_code=499)
-    except EngineDeadError as exc:
-        raise engine_dead(exc) from exc
-    except ValueError as exc:
-        raise invalid(str(exc)) from exc
-    return JSONResponse(run.response(final).model_dump(mode="json"))
+    return await respond_when_done(request, request_id, run.collect(stream), run.response)
 
 
 class _ChatRun:

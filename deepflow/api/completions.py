@@ -6,14 +6,14 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.requests import Request
 
 from deepflow.api.errors import APIError, engine_dead, internal_error, invalid
 from deepflow.api.logprobs import CompletionLogprobsBuilder
 from deepflow.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from deepflow.api.state import ServerState, finish_reason, new_id, usage_numbers
-from deepflow.api.streaming import DONE, ClientDisconnected, merge, sse, sse_error, unless_disconnected
+from deepflow.api.streaming import DONE, merge, respond_when_done, sse, sse_error
 from deepflow.engine.async_llm import EngineDeadError
 from deepflow.engine.outputs import RequestOutput
 from deepflow.engine.sampling_params import SamplingParams
@@ -63,16 +63,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     run = _Run(state, body, params, request_id, prompts)
     if body.streaming:
         return StreamingResponse(run.stream(streams), media_type="text/event-stream")
-    try:
-        finals = await unless_disconnected(request, run.collect(streams))
-    except ClientDisconnected:
-        logger.info("%s: client disconnected, request aborted", request_id)
-        return Response(status_code=499)
-    except EngineDeadError as exc:
-        raise engine_dead(exc) from exc
-    except ValueError as exc:
-        raise invalid(str(exc)) from exc
-    return JSONResponse(run.response(finals).model_dump(mode="json"))
+    return await respond_when_done(request, request_id, run.collect(streams), run.response)
 
 
 class _Run:

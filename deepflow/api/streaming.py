@@ -9,13 +9,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.requests import Request
 
-from deepflow.api.errors import APIError
+from deepflow.api.errors import APIError, engine_dead, invalid
+from deepflow.engine.async_llm import EngineDeadError
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -107,3 +112,19 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     if task.cancelled():
         raise ClientDisconnected()
     return task.result()
+
+
+async def respond_when_done(
+    request: Request, request_id: str, work: Awaitable[T], build: Callable[[T], BaseModel]
+) -> Response:
+    """The non-streaming answer: await the engine, map its failures to OpenAI errors, serialize the body."""
+    try:
+        result = await unless_disconnected(request, work)
+    except ClientDisconnected:
+        logger.info("%s: client disconnected, request aborted", request_id)
+        return Response(status_code=499)
+    except EngineDeadError as exc:
+        raise engine_dead(exc) from exc
+    except ValueError as exc:
+        raise invalid(str(exc)) from exc
+    return JSONResponse(build(result).model_dump(mode="json"))
