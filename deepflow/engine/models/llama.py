@@ -96,6 +96,8 @@ class AttentionMetadata:
     num_decodes: int
     decode_block_table: torch.Tensor | None
     decode_mask: torch.Tensor | None
+    # Where decodes' K and V blocks are gathered, reused by every layer and step (see ModelRunner).
+    decode_gather_buffers: tuple[torch.Tensor, torch.Tensor] | None
     prefill_ranges: list[tuple[int, int]]
     prefill_blocks: list[torch.Tensor | None]
     prefill_kv_lens: list[int]
@@ -225,8 +227,10 @@ class Attention(nn.Module):
         lmax = meta.decode_mask.shape[-1]
         kvh, group, hd = self.num_kv_heads, self.group, self.head_dim
         flat = meta.decode_block_table.view(-1)
-        keys = k_cache.index_select(1, flat).view(kvh * d, lmax, hd)
-        values = v_cache.index_select(1, flat).view(kvh * d, lmax, hd)
+        assert meta.decode_gather_buffers is not None
+        k_buf, v_buf = meta.decode_gather_buffers
+        keys = torch.index_select(k_cache, 1, flat, out=k_buf).view(kvh * d, lmax, hd)
+        values = torch.index_select(v_cache, 1, flat, out=v_buf).view(kvh * d, lmax, hd)
         qg = q.view(d, kvh, group, hd).transpose(0, 1).reshape(kvh * d, group, hd)
         scores = torch.bmm(qg, keys.transpose(1, 2)).float().view(kvh, d, group, lmax)
         scores = scores * self.scale + meta.decode_mask
