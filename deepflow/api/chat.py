@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import jinja2
 from fastapi.responses import Response, StreamingResponse
 from starlette.requests import Request
 
-from deepflow.api.errors import APIError, engine_dead, internal_error, invalid
+from deepflow.api.errors import invalid
 from deepflow.api.logprobs import chat_logprobs
 from deepflow.api.protocol import (
     AssistantMessage,
@@ -23,8 +23,7 @@ from deepflow.api.protocol import (
     Usage,
 )
 from deepflow.api.state import ServerState, finish_reason, new_id, usage_numbers
-from deepflow.api.streaming import DONE, merge, respond_when_done, sse, sse_error
-from deepflow.engine.async_llm import EngineDeadError
+from deepflow.api.streaming import merge, respond_when_done, sse, sse_stream
 from deepflow.engine.outputs import RequestOutput
 from deepflow.engine.tokenizer import TokenizerError
 
@@ -61,7 +60,7 @@ async def create_chat_completion(
     stream = state.engine.generate(prompt_ids, params, request_id, priority=body.priority or 0)
     run = _ChatRun(state, body, request_id, params.n)
     if body.streaming:
-        return StreamingResponse(run.stream(stream), media_type="text/event-stream")
+        return StreamingResponse(sse_stream(request_id, run.stream(stream)), media_type="text/event-stream")
     return await respond_when_done(request, request_id, run.collect(stream), run.response)
 
 
@@ -116,7 +115,7 @@ class _ChatRun:
             usage=usage,
         )
 
-    async def stream(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[bytes]:
+    async def stream(self, stream: AsyncIterator[RequestOutput]) -> AsyncGenerator[bytes, None]:
         exclude = None if self.body.include_usage else {"usage"}
         final: RequestOutput | None = None
         done: set[int] = set()
@@ -145,15 +144,5 @@ class _ChatRun:
                     yield sse(self._chunk([choice]), exclude)
             if self.body.include_usage and final is not None:
                 yield sse(self._chunk([], Usage.of(*usage_numbers([final]))))
-        except APIError as err:
-            yield sse_error(err)
-        except EngineDeadError as exc:
-            yield sse_error(engine_dead(exc))
-        except ValueError as exc:
-            yield sse_error(invalid(str(exc)))
-        except Exception as exc:
-            logger.exception("%s: stream failed", self.request_id)
-            yield sse_error(internal_error(exc))
         finally:
             await merged.aclose()
-        yield DONE

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from fastapi.responses import Response, StreamingResponse
 from starlette.requests import Request
 
-from deepflow.api.errors import APIError, engine_dead, internal_error, invalid
 from deepflow.api.logprobs import CompletionLogprobsBuilder
 from deepflow.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from deepflow.api.state import ServerState, finish_reason, new_id, usage_numbers
-from deepflow.api.streaming import DONE, merge, respond_when_done, sse, sse_error
-from deepflow.engine.async_llm import EngineDeadError
+from deepflow.api.streaming import merge, respond_when_done, sse, sse_stream
 from deepflow.engine.outputs import RequestOutput
 from deepflow.engine.sampling_params import SamplingParams
 
@@ -62,7 +60,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     ]
     run = _Run(state, body, params, request_id, prompts)
     if body.streaming:
-        return StreamingResponse(run.stream(streams), media_type="text/event-stream")
+        return StreamingResponse(sse_stream(request_id, run.stream(streams)), media_type="text/event-stream")
     return await respond_when_done(request, request_id, run.collect(streams), run.response)
 
 
@@ -129,7 +127,7 @@ class _Run:
         choices.sort(key=lambda c: c.index)
         return self._envelope(choices, Usage.of(*usage_numbers(finals)))
 
-    async def stream(self, streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[bytes]:
+    async def stream(self, streams: list[AsyncIterator[RequestOutput]]) -> AsyncGenerator[bytes, None]:
         exclude = None if self.body.include_usage else {"usage"}
         finals: dict[int, RequestOutput] = {}
         done: set[int] = set()
@@ -163,15 +161,5 @@ class _Run:
             if self.body.include_usage:
                 usage = Usage.of(*usage_numbers([finals[i] for i in range(len(self.prompts))]))
                 yield sse(self._envelope([], usage))
-        except APIError as err:
-            yield sse_error(err)
-        except EngineDeadError as exc:
-            yield sse_error(engine_dead(exc))
-        except ValueError as exc:
-            yield sse_error(invalid(str(exc)))
-        except Exception as exc:
-            logger.exception("%s: stream failed", self.request_id)
-            yield sse_error(internal_error(exc))
         finally:
             await merged.aclose()
-        yield DONE

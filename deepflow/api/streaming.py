@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.requests import Request
 
-from deepflow.api.errors import APIError, engine_dead, invalid
+from deepflow.api.errors import APIError, engine_dead, internal_error, invalid
 from deepflow.engine.async_llm import EngineDeadError
 
 logger = logging.getLogger(__name__)
@@ -128,3 +128,23 @@ async def respond_when_done(
     except ValueError as exc:
         raise invalid(str(exc)) from exc
     return JSONResponse(build(result).model_dump(mode="json"))
+
+
+async def sse_stream(request_id: str, events: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+    """A streamed response: once the first event is out the status is sent, so any later failure becomes an
+    error event; the stream always ends with `data: [DONE]`, and closing it closes `events` (aborting)."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as err:
+        yield sse_error(err)
+    except EngineDeadError as exc:
+        yield sse_error(engine_dead(exc))
+    except ValueError as exc:
+        yield sse_error(invalid(str(exc)))
+    except Exception as exc:
+        logger.exception("%s: stream failed", request_id)
+        yield sse_error(internal_error(exc))
+    finally:
+        await events.aclose()
+    yield DONE
