@@ -60,7 +60,7 @@ def run_engine(folder: Path, prompts: list[list[int]], max_new: int, **options) 
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-        assert all(not llm.core.scheduler.requests for _ in [0])
+        assert not llm.core.scheduler.requests and not llm.core.runner.requests
         assert llm.core.block_pool.num_free_blocks == llm.core.block_pool.num_blocks
         if options.get("num_kv_blocks"):
             assert llm.core.scheduler.num_preemptions_total > 0, "the setup was meant to force preemption"
