@@ -64,18 +64,9 @@ class SequenceState:
     ):
         self.params = params
         self.output = CompletionOutput(index=index, logprobs=[] if params.logprobs is not None else None)
-        self.detokenizer = (
-            IncrementalDetokenizer(
-                tokenizer,
-                prompt_ids,
-                params.skip_special_tokens,
-                stop=params.stop,
-                include_stop_str_in_output=params.include_stop_str_in_output,
-                min_tokens=params.min_tokens,
-            )
-            if tokenizer is not None
-            else None
-        )
+        self.detokenizer: IncrementalDetokenizer | None = None
+        if tokenizer is not None:
+            self.detokenizer = IncrementalDetokenizer.from_params(tokenizer, prompt_ids, params)
 
     def apply(self, out: EngineCoreOutput) -> bool:
         """Fold one engine output in; True when a stop string ended the sequence (the core must abort it)."""
@@ -90,12 +81,11 @@ class SequenceState:
         if self.detokenizer is not None:
             update = self.detokenizer.update(out.new_token_ids)
             seq.delta_text += update.delta_text
-            if update.stop_reason is not None and out.finish_reason is None:
+            if update.stop_reason is not None:
                 seq.finish_reason, seq.stop_reason = FinishReason.STOP.value, update.stop_reason
-                stopped_by_string = True
-            elif update.stop_reason is not None:
-                seq.finish_reason, seq.stop_reason = FinishReason.STOP.value, update.stop_reason
-        if not stopped_by_string and out.finish_reason is not None and seq.finish_reason is None:
+                # The core still runs the sequence unless this very token also ended it there.
+                stopped_by_string = out.finish_reason is None
+        if out.finish_reason is not None and seq.finish_reason is None:
             seq.finish_reason, seq.stop_reason = str(out.finish_reason), out.stop_reason
             if self.detokenizer is not None:
                 seq.delta_text += self.detokenizer.flush()
