@@ -51,13 +51,28 @@ async def create_chat_completion(
 ) -> Response:
     body.check_supported()
     state.check_model(body.model)
-    prompt_ids = encode_chat(state, body.messages)
+    context, cache_salt = state.contexts.resolve(body.context_id, body.cache_salt, body.model)
+    if context is None:
+        prompt_ids = encode_chat(state, body.messages)
+    elif context.messages is not None:
+        # One conversation, rendered whole: the template places the context's turns (its system prompt
+        # above all) where it wants them; the engine reuses whatever prefix still matches the context.
+        prompt_ids = encode_chat(state, [*context.messages, *body.messages])
+    else:
+        prompt_ids = context.token_ids + encode_chat(state, body.messages)
     max_tokens = body.max_new_tokens()
     state.check_context(len(prompt_ids), max_tokens, "messages")
     params = body.sampling_params(max_tokens, body.num_logprobs())
     state.check_alive()
     request_id = new_id("chatcmpl")
-    stream = state.engine.generate(prompt_ids, params, request_id, priority=body.priority or 0)
+    stream = state.engine.generate(
+        prompt_ids,
+        params,
+        request_id,
+        priority=body.priority or 0,
+        cache_salt=cache_salt,
+        context_id=context.id if context is not None else None,
+    )
     run = _ChatRun(state, body, request_id, params.n)
     if body.streaming:
         return StreamingResponse(sse_stream(request_id, run.stream(stream)), media_type="text/event-stream")

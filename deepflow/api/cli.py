@@ -37,22 +37,33 @@ _SIZE_UNITS = {
 }
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, *, allow_zero: bool = False) -> int:
     """'1GiB', '512MiB', '1.5G' (binary), '500MB' (decimal) or plain bytes -> bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _SIZE_UNITS:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 1GiB, 512MiB or a number of bytes")
     size = int(float(match.group(1)) * _SIZE_UNITS[unit])
-    if size <= 0:
+    if size < 0 or (size == 0 and not allow_zero):
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
     return size
+
+
+def _size_or_zero(text: str) -> int:
+    return parse_size(text, allow_zero=True)
 
 
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -70,7 +81,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--kv-cache-memory", type=parse_size, default=None, help="KV pool size, e.g. 1GiB (default: 1GiB)"
     )
-    p.add_argument("--api-key", default=None, help="require this bearer key on /v1/* (or $DEEPFLOW_API_KEY)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="never reuse KV across requests")
+    p.add_argument(
+        "--host-cache-memory",
+        type=_size_or_zero,
+        default=None,
+        help="host-memory tier for evicted prefix-cache blocks, e.g. 4GiB; 0: none (default: the engine's)",
+    )
+    p.add_argument(
+        "--max-context-tokens",
+        type=_non_negative_int,
+        default=None,
+        help="cap on tokens pinned by /v1/contexts (default: half the KV pool)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require this bearer key on /v1/* and admin routes (or $DEEPFLOW_API_KEY)",
+    )
     p.add_argument("--no-async-scheduling", action="store_true", help="plan each step after the last one")
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"]
@@ -128,9 +156,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         async_scheduling=not args.no_async_scheduling,
+        enable_prefix_caching=not args.no_prefix_caching,
+        max_context_tokens=args.max_context_tokens,
     )
     if args.kv_cache_memory is not None:
         config.kv_cache_memory = args.kv_cache_memory
+    if args.host_cache_memory is not None:
+        config.host_cache_memory = args.host_cache_memory
     name = args.served_model_name or config.model_path().name
     logger.info("starting DeepFlow for model %s on %s", name, _url(args.host, args.port))
     try:

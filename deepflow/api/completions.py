@@ -27,17 +27,21 @@ class _Prompt:
         self.ids = ids
 
 
-def _prepare_prompts(state: ServerState, body: CompletionRequest) -> list[_Prompt]:
+def _prepare_prompts(state: ServerState, body: CompletionRequest, prefix: list[int]) -> list[_Prompt]:
+    """Each prompt's engine tokens: `prefix` (a context's tokens) then the prompt's own; echo shows only the
+    prompt's own text, the part the client sent."""
     prompts = body.prompts()
     out = []
     for i, prompt in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
         if isinstance(prompt, str):
-            out.append(_Prompt(prompt, state.tokenizer.encode(prompt)))
+            # After a context the text continues a sequence: no second BOS in the middle of it.
+            ids = state.tokenizer.encode(prompt, add_special_tokens=not prefix)
+            out.append(_Prompt(prompt, prefix + ids))
         else:
             state.check_token_ids(prompt, param)
             # Echo shows what the model saw, special tokens included.
-            out.append(_Prompt(state.tokenizer.decode(prompt, skip_special_tokens=False), prompt))
+            out.append(_Prompt(state.tokenizer.decode(prompt, skip_special_tokens=False), prefix + prompt))
         state.check_context(len(out[-1].ids), body.max_tokens, param)
     return out
 
@@ -45,7 +49,8 @@ def _prepare_prompts(state: ServerState, body: CompletionRequest) -> list[_Promp
 async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Response:
     body.check_supported()
     state.check_model(body.model)
-    prompts = _prepare_prompts(state, body)
+    context, cache_salt = state.contexts.resolve(body.context_id, body.cache_salt, body.model)
+    prompts = _prepare_prompts(state, body, context.token_ids if context is not None else [])
     params = body.sampling_params(body.max_tokens, body.logprobs)
     state.check_alive()
     request_id = new_id("cmpl")
@@ -55,6 +60,8 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
             params,
             request_id if len(prompts) == 1 else f"{request_id}-{i}",
             priority=body.priority or 0,
+            cache_salt=cache_salt,
+            context_id=context.id if context is not None else None,
         )
         for i, p in enumerate(prompts)
     ]

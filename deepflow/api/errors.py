@@ -24,6 +24,7 @@ INVALID_REQUEST = "invalid_request_error"
 NOT_FOUND = "not_found_error"
 SERVER_ERROR = "server_error"
 UNAVAILABLE = "service_unavailable_error"
+RATE_LIMIT = "rate_limit_error"
 
 
 class APIError(Exception):
@@ -75,6 +76,15 @@ def model_not_found(model: str) -> APIError:
         status_code=404,
         param="model",
         code="model_not_found",
+    )
+
+
+def context_not_found(context_id: str) -> APIError:
+    return APIError(
+        f"No context with id '{context_id}' exists: it was never created, was deleted, or has expired.",
+        status_code=404,
+        param="context_id",
+        code="context_not_found",
     )
 
 

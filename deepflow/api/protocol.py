@@ -128,6 +128,10 @@ class SamplingRequest(StrictModel):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     priority: int | None = None  # lower runs first
+    # Context caching: the prompt continues this context (POST /v1/contexts); the salt namespaces the
+    # prefix cache (vLLM's `cache_salt`): requests with different salts never share cached KV.
+    context_id: str | None = None
+    cache_salt: str | None = Field(default=None, min_length=1)
 
     @property
     def streaming(self) -> bool:
@@ -320,6 +324,53 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+# ---- contexts --------------------------------------------------------------------------------------------
+DEFAULT_CONTEXT_TTL = 3600.0
+MAX_CONTEXT_TTL = 7 * 24 * 3600.0  # a pinned context holds KV memory; a forgotten one must not do so forever
+
+
+class ContextCreateRequest(StrictModel):
+    model: str
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    prompt: str | list[int] | None = None
+    ttl_seconds: float | None = Field(default=None, gt=0, le=MAX_CONTEXT_TTL)
+    cache_salt: str | None = Field(default=None, min_length=1)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list) and value and all(_is_int(x) for x in value):
+            return value
+        raise ValueError("must be a string or a non-empty list of token ids")
+
+    @property
+    def ttl(self) -> float:
+        return DEFAULT_CONTEXT_TTL if self.ttl_seconds is None else self.ttl_seconds
+
+    def check_supported(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise invalid("Give exactly one of 'messages' or 'prompt'.", param="messages")
+        if self.messages is not None:
+            check_messages(self.messages)
+
+
+class ContextObject(BaseModel):
+    id: str
+    object: Literal["context"] = "context"
+    model: str
+    tokens: int
+    created: int
+    expires_at: int
+
+
+class ContextDeleted(BaseModel):
+    id: str
+    object: Literal["context.deleted"] = "context.deleted"
+    deleted: bool = True
 
 
 # ---- responses -------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from deepflow import __version__
 from deepflow.api.chat import create_chat_completion, encode_chat
 from deepflow.api.completions import create_completion
+from deepflow.api.contexts import ContextRegistry, create_context, delete_context, retrieve_context
 from deepflow.api.errors import (
     APIError,
     engine_dead,
@@ -35,6 +36,7 @@ from deepflow.api.metrics import HTTPMetrics
 from deepflow.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    ContextCreateRequest,
     DetokenizeRequest,
     DetokenizeResponse,
     ModelCard,
@@ -131,14 +133,18 @@ def _auth_dependency(api_key: str | None) -> Any:
 
 
 def build_app(engine: EngineClient, served_model_name: str, api_key: str | None = None) -> FastAPI:
-    """The app serving `engine` as model `served_model_name`; `/v1/*` needs `api_key` when one is set."""
-    state = ServerState(engine=engine, served_model_name=served_model_name, api_key=api_key)
+    """The app serving `engine` as model `served_model_name`; `/v1/*` and the admin routes need `api_key`
+    when one is set."""
+    state = ServerState(
+        engine=engine, served_model_name=served_model_name, contexts=ContextRegistry(), api_key=api_key
+    )
     metrics = HTTPMetrics()
     app = FastAPI(title="DeepFlow", version=__version__)
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth_dependency(api_key))])
+    auth = Depends(_auth_dependency(api_key))
+    v1 = APIRouter(prefix="/v1", dependencies=[auth])
 
     def model_card() -> ModelCard:
         return ModelCard(
@@ -166,7 +172,25 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
     async def chat_completions(request: Request) -> Response:
         return await create_chat_completion(state, await parse_body(request, ChatCompletionRequest), request)
 
+    @v1.post("/contexts")
+    async def contexts_create(request: Request) -> JSONResponse:
+        return await create_context(state, await parse_body(request, ContextCreateRequest))
+
+    @v1.get("/contexts/{context_id}")
+    async def contexts_retrieve(context_id: str) -> JSONResponse:
+        return retrieve_context(state, context_id)
+
+    @v1.delete("/contexts/{context_id}")
+    async def contexts_delete(context_id: str) -> JSONResponse:
+        return await delete_context(state, context_id)
+
     app.include_router(v1)
+
+    # Admin: dropping the cache changes every tenant's latency, so it needs the key like /v1 does.
+    @app.post("/reset_prefix_cache", dependencies=[auth])
+    async def reset_prefix_cache() -> JSONResponse:
+        state.check_alive()
+        return JSONResponse({"reset": bool(await engine.reset_prefix_cache())})
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:

@@ -11,13 +11,17 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from deepflow.api.errors import APIError, engine_dead, invalid, model_not_found
 from deepflow.api.logprobs import TokenDecoder
+from deepflow.engine.contexts import ContextInfo
 from deepflow.engine.outputs import CompletionOutput, RequestOutput
 from deepflow.engine.sampling_params import SamplingParams
 from deepflow.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # contexts.py imports the endpoint modules, which import this one
+    from deepflow.api.contexts import ContextRegistry
 
 
 class EngineClient(Protocol):
@@ -32,9 +36,24 @@ class EngineClient(Protocol):
         request_id: str | None = None,
         *,
         priority: int = 0,
+        cache_salt: str | None = None,
+        context_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]: ...
 
     async def abort(self, request_id: str) -> None: ...
+
+    async def create_context(
+        self,
+        prompt_token_ids: list[int],
+        *,
+        ttl_seconds: float,
+        context_id: str | None = None,
+        cache_salt: str | None = None,
+    ) -> ContextInfo: ...
+
+    async def delete_context(self, context_id: str) -> bool: ...
+
+    async def reset_prefix_cache(self) -> bool: ...
 
 
 def engine_alive(engine: Any) -> bool:
@@ -47,6 +66,7 @@ def engine_alive(engine: Any) -> bool:
 class ServerState:
     engine: EngineClient
     served_model_name: str
+    contexts: ContextRegistry
     api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     decoder: TokenDecoder = field(init=False)

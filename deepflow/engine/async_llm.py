@@ -11,18 +11,22 @@ import asyncio
 import itertools
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 from deepflow.engine.config import EngineConfig
+from deepflow.engine.contexts import ContextInfo, ContextLimitError, CreateContext
 from deepflow.engine.core_client import (
     EngineCoreClient,
     EngineDeadError,
     InprocEngineCoreClient,
     MPEngineCoreClient,
+    ReleaseContext,
+    ResetPrefixCache,
 )
 from deepflow.engine.metrics import EngineMetrics
 from deepflow.engine.outputs import OutputProcessor, RequestOutput, RequestState
-from deepflow.engine.request import EngineCoreOutputs, EngineCoreRequest
+from deepflow.engine.request import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
 from deepflow.engine.sampling_params import SamplingParams
 from deepflow.engine.tokenizer import Tokenizer
 
@@ -68,6 +72,8 @@ class AsyncLLM:
         self._output_task: asyncio.Task[None] | None = None
         self._ids = itertools.count()
         self._dead: BaseException | None = None
+        self._context_waiters: dict[str, asyncio.Future[EngineCoreOutput]] = {}
+        self._contexts: dict[str, float] = {}  # context id -> expires at (unix time)
 
     async def generate(
         self,
@@ -76,9 +82,12 @@ class AsyncLLM:
         request_id: str | None = None,
         *,
         priority: int = 0,
+        cache_salt: str | None = None,
+        context_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield a RequestOutput each time the request advances; the last has `finished` set.
 
+        `cache_salt` namespaces the prefix cache; `context_id` names a pinned context the prompt starts with.
         Closing the iterator early (client gone) aborts the request in the engine.
         """
         params = sampling_params or SamplingParams()
@@ -116,6 +125,8 @@ class AsyncLLM:
                         eos_token_ids=self.eos_token_ids,
                         arrival_time=timing.arrival,
                         priority=priority,
+                        cache_salt=cache_salt or "",
+                        context_id=context_id,
                     )
                 )
             while not finished:
@@ -146,6 +157,83 @@ class AsyncLLM:
             live = [cid for cid, seq in state.sequences.items() if not seq.output.finished]
             self.client.abort(live)
 
+    # ---- explicit contexts ---------------------------------------------------------------------------------
+    async def create_context(
+        self,
+        prompt_token_ids: list[int],
+        *,
+        ttl_seconds: float,
+        context_id: str | None = None,
+        cache_salt: str | None = None,
+    ) -> ContextInfo:
+        """Compute the prompt's KV and keep its whole blocks pinned for `ttl_seconds` (or until deleted).
+
+        Raises ContextLimitError when the engine's cap on pinned tokens would be exceeded, ValueError for a
+        bad prompt or TTL."""
+        if self._dead is not None:
+            raise EngineDeadError("engine core is dead") from self._dead
+        if not ttl_seconds > 0:
+            raise ValueError("ttl_seconds must be > 0")
+        if not prompt_token_ids:
+            raise ValueError("the context must contain at least one token")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the context has {len(prompt_token_ids)} tokens; the model's context is "
+                f"{self.max_model_len} tokens and requests need room after it"
+            )
+        context_id = context_id or f"ctx-{uuid.uuid4().hex}"
+        if context_id in self._contexts:
+            raise ValueError(f"context id {context_id!r} is already in use")
+        request_id = f"context-{context_id}"
+        self._ensure_output_task()
+        waiter: asyncio.Future[EngineCoreOutput] = asyncio.get_running_loop().create_future()
+        self._context_waiters[request_id] = waiter
+        try:
+            self.client.add_request(
+                EngineCoreRequest(
+                    request_id=request_id,
+                    prompt_token_ids=list(prompt_token_ids),
+                    sampling_params=SamplingParams(temperature=0.0, max_tokens=1),
+                    cache_salt=cache_salt or "",
+                    create_context=CreateContext(context_id=context_id, ttl_seconds=ttl_seconds),
+                )
+            )
+            out = await waiter
+        except BaseException:
+            if not waiter.done():
+                self.client.abort([request_id])
+            raise
+        finally:
+            self._context_waiters.pop(request_id, None)
+        if out.error_type == "context_limit":
+            raise ContextLimitError(str(out.stop_reason))
+        if out.finish_reason == "abort" or out.context_pinned_tokens is None:
+            raise ValueError(f"the engine did not pin the context: {out.stop_reason or 'aborted'}")
+        expires_at = time.time() + ttl_seconds
+        self._contexts[context_id] = expires_at
+        return ContextInfo(
+            context_id=context_id,
+            num_tokens=len(prompt_token_ids),
+            num_pinned_tokens=out.context_pinned_tokens,
+            expires_at=expires_at,
+        )
+
+    async def delete_context(self, context_id: str) -> bool:
+        """Unpin a context; False when it is unknown or already expired."""
+        expires_at = self._contexts.pop(context_id, None)
+        if expires_at is None:
+            return False
+        if self.is_alive():
+            self.client.send(ReleaseContext(context_id=context_id))
+        return expires_at > time.time()
+
+    async def reset_prefix_cache(self) -> bool:
+        """Drop every cached block no request or context uses, in both tiers."""
+        if not self.is_alive():
+            return False
+        self.client.send(ResetPrefixCache())
+        return True
+
     def _ensure_output_task(self) -> None:
         if self._output_task is None or self._output_task.done():
             self._output_task = asyncio.get_running_loop().create_task(self._output_loop())
@@ -155,7 +243,10 @@ class AsyncLLM:
             while True:
                 batch = await self.client.get_outputs()
                 self._observe(batch)
-                touched, to_abort = self._processor.process(batch.outputs)
+                outputs = batch.outputs
+                if self._context_waiters:
+                    outputs = [o for o in outputs if not self._context_done(o)]
+                touched, to_abort = self._processor.process(outputs)
                 if to_abort:
                     self.client.abort(to_abort)
                 for state in touched:
@@ -166,6 +257,18 @@ class AsyncLLM:
             self._dead = exc
             for queue_ in self._queues.values():
                 queue_.put_nowait(exc)
+            for waiter in self._context_waiters.values():
+                if not waiter.done():
+                    waiter.set_exception(EngineDeadError("engine core failed"))
+
+    def _context_done(self, out: EngineCoreOutput) -> bool:
+        """Route a context-creating request's output to its waiter (it has no output stream)."""
+        waiter = self._context_waiters.get(out.request_id)
+        if waiter is None:
+            return False
+        if out.finish_reason is not None and not waiter.done():
+            waiter.set_result(out)
+        return True
 
     def _observe(self, batch: EngineCoreOutputs) -> None:
         if batch.stats is not None:

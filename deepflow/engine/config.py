@@ -23,6 +23,10 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     async_scheduling: bool = True
     num_threads: int | None = None  # torch intra-op threads; None: torch's default (all cores)
+    enable_prefix_caching: bool = True  # implicit radix prefix cache; explicit contexts work either way
+    host_cache_memory: int = 1 << 30  # bytes for the host tier of evicted KV blocks; 0: evictions drop
+    num_host_blocks: int | None = None  # overrides host_cache_memory (tests)
+    max_context_tokens: int | None = None  # cap on pinned context tokens; None: half the KV pool
 
     def torch_dtype(self) -> torch.dtype:
         try:

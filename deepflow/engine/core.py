@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from deepflow.cache.block_pool import BlockPool
+from deepflow.cache.rtc import RelationalTensorCache
 from deepflow.engine.config import EngineConfig
 from deepflow.engine.model_runner import ModelRunner
 from deepflow.engine.request import EngineCoreOutput, EngineCoreRequest, ModelRunnerOutput
@@ -36,6 +36,8 @@ class EngineCore:
             config.num_kv_blocks,
             config.kv_cache_memory,
             config.num_threads,
+            config.host_cache_memory,
+            config.num_host_blocks,
         ).result()
         args = self.runner.model.args
         pool_tokens = self.runner.num_blocks * config.block_size
@@ -49,7 +51,19 @@ class EngineCore:
             logger.warning("max_model_len %d capped to the KV pool's %d tokens", max_model_len, pool_tokens)
             max_model_len = pool_tokens
         self.max_model_len = max_model_len
-        self.block_pool = BlockPool(self.runner.num_blocks, config.block_size)
+        # Pinned contexts never take the room one max-length request needs, or it could never run.
+        context_room = pool_tokens - max_model_len
+        max_context_tokens = min(
+            config.max_context_tokens if config.max_context_tokens is not None else pool_tokens // 2,
+            context_room,
+        )
+        self.cache = RelationalTensorCache(
+            self.runner.num_blocks,
+            config.block_size,
+            self.runner.num_host_blocks,
+            enable_prefix_caching=config.enable_prefix_caching,
+            max_context_tokens=max_context_tokens,
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -57,7 +71,7 @@ class EngineCore:
                 max_model_len=max_model_len,
                 enable_chunked_prefill=config.enable_chunked_prefill,
             ),
-            self.block_pool,
+            self.cache,
         )
         self._inflight: Future[ModelRunnerOutput] | None = None
 
@@ -70,6 +84,12 @@ class EngineCore:
 
     def abort(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         return self.scheduler.abort(request_ids)
+
+    def release_context(self, context_id: str) -> bool:
+        return self.scheduler.release_context(context_id)
+
+    def reset_prefix_cache(self) -> int:
+        return self.scheduler.reset_prefix_cache()
 
     def has_work(self) -> bool:
         return (
@@ -86,10 +106,9 @@ class EngineCore:
             )
         # Launch step N+1, then collect step N. An empty step still runs when the executor has requests to
         # forget, so their state never lingers.
-        needs_run = (
-            not scheduled.is_empty or scheduled.finished_request_ids or scheduled.preempted_request_ids
+        launched = (
+            self._model_thread.submit(self.runner.execute, scheduled) if scheduled.has_executor_work else None
         )
-        launched = self._model_thread.submit(self.runner.execute, scheduled) if needs_run else None
         outputs: list[EngineCoreOutput] = []
         if self._inflight is not None:
             outputs = self.scheduler.update_from_output(self._inflight.result())

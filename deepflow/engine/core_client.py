@@ -26,6 +26,7 @@ import zmq
 import zmq.asyncio
 
 from deepflow.engine.config import EngineConfig
+from deepflow.engine.contexts import ContextLimitError
 from deepflow.engine.request import (
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -49,11 +50,19 @@ class AbortRequests(msgspec.Struct, tag="abort"):
     request_ids: list[str]
 
 
+class ReleaseContext(msgspec.Struct, tag="release_context"):
+    context_id: str
+
+
+class ResetPrefixCache(msgspec.Struct, tag="reset_prefix_cache"):
+    pass
+
+
 class Shutdown(msgspec.Struct, tag="shutdown"):
     pass
 
 
-Command = AddRequest | AbortRequests | Shutdown
+Command = AddRequest | AbortRequests | ReleaseContext | ResetPrefixCache | Shutdown
 
 
 class EngineCoreFailed(msgspec.Struct, tag="failed"):
@@ -91,10 +100,15 @@ def run_core_loop(
                             new_token_ids=[],
                             finish_reason=FinishReason.ABORT,
                             stop_reason=str(exc),
+                            error_type="context_limit" if isinstance(exc, ContextLimitError) else "invalid",
                         )
                     )
-            else:
+            elif isinstance(command, AbortRequests):
                 outputs.extend(core.abort(command.request_ids))
+            elif isinstance(command, ReleaseContext):
+                core.release_context(command.context_id)
+            elif isinstance(command, ResetPrefixCache):
+                core.reset_prefix_cache()
         if core.has_work():
             outputs.extend(core.step())
         if outputs or handled:
@@ -108,6 +122,7 @@ class EngineCoreClient(Protocol):
 
     def add_request(self, request: EngineCoreRequest) -> None: ...
     def abort(self, request_ids: list[str]) -> None: ...
+    def send(self, command: Command) -> None: ...
     async def get_outputs(self) -> EngineCoreOutputs: ...
     def is_alive(self) -> bool: ...
     def shutdown(self) -> None: ...
@@ -142,6 +157,10 @@ class InprocEngineCoreClient:
 
     def abort(self, request_ids: list[str]) -> None:
         self._commands.put(AbortRequests(request_ids))
+
+    def send(self, command: Command) -> None:
+        self._ensure_started()
+        self._commands.put(command)
 
     async def get_outputs(self) -> EngineCoreOutputs:
         self._ensure_started()
@@ -205,7 +224,7 @@ def _engine_process_main(config: EngineConfig, command_addr: str, output_addr: s
             max_model_len=core.max_model_len,
             eos_token_ids=list(core.eos_token_ids),
             model_path=str(core.model_path),
-            num_kv_blocks=core.block_pool.num_blocks,
+            num_kv_blocks=core.cache.num_blocks,
         )
     )
 
@@ -289,6 +308,9 @@ class MPEngineCoreClient:
     def abort(self, request_ids: list[str]) -> None:
         with contextlib.suppress(EngineDeadError, zmq.ZMQError):
             self._send(AbortRequests(request_ids))
+
+    def send(self, command: Command) -> None:
+        self._send(command)
 
     async def get_outputs(self) -> EngineCoreOutputs:
         while True:

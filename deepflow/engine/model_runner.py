@@ -8,11 +8,13 @@ before step N's sampled ids are known.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from deepflow.cache.rtc import BlockTransfer
 from deepflow.engine.models.llama import AttentionMetadata, LlamaModel, load_model
 from deepflow.engine.request import Logprobs, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from deepflow.engine.sampler import RequestSamplingState, Sampler, make_state
@@ -43,6 +45,8 @@ class ModelRunner:
         num_blocks: int | None,
         kv_cache_memory: int,
         num_threads: int | None = None,
+        host_cache_memory: int = 0,
+        num_host_blocks: int | None = None,
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -53,6 +57,18 @@ class ModelRunner:
         shape = (args.num_kv_heads, self.num_blocks, block_size, args.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(args.num_layers)
+        ]
+        # The host tier of the Relational Tensor Cache: same layout, its own budget. On CPU both tiers are
+        # RAM but distinct, with real copies; on a GPU this would be pinned host memory. `empty`: pages are
+        # only touched when blocks are first evicted into them.
+        per_block = kv_bytes_per_block(self.model, block_size)
+        self.num_host_blocks = (
+            num_host_blocks if num_host_blocks is not None else host_cache_memory // per_block
+        )
+        host_shape = (args.num_kv_heads, self.num_host_blocks, block_size, args.head_dim)
+        self.host_caches = [
+            (torch.empty(host_shape, dtype=dtype), torch.empty(host_shape, dtype=dtype))
+            for _ in range(args.num_layers if self.num_host_blocks else 0)
         ]
         self.sampler = Sampler()
         # Decode attention gathers K/V blocks into one persistent buffer: a fresh tensor per layer costs
@@ -88,7 +104,31 @@ class ModelRunner:
         )
 
     # ---- one step ----------------------------------------------------------------------------------
+    def _transfer(self, transfer: BlockTransfer) -> None:
+        """Copy blocks between tiers in every layer (K and V), before anything this step reads them."""
+        src_caches, dst_caches = {
+            "d2h": (self.kv_caches, self.host_caches),
+            "h2d": (self.host_caches, self.kv_caches),
+            "d2d": (self.kv_caches, self.kv_caches),
+        }[transfer.kind]
+        src = torch.tensor(transfer.src, dtype=torch.long)
+        dst = torch.tensor(transfer.dst, dtype=torch.long)
+        for (src_k, src_v), (dst_k, dst_v) in zip(src_caches, dst_caches, strict=True):
+            dst_k.index_copy_(1, dst, src_k.index_select(1, src))
+            dst_v.index_copy_(1, dst, src_v.index_select(1, src))
+
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        started = time.perf_counter()
+        for transfer in out.kv_transfers:
+            self._transfer(transfer)
+        done = [t.transfer_id for t in out.kv_transfers if t.transfer_id]
+        output = self._execute(out)
+        output.finished_transfer_ids = done
+        output.num_tokens = out.total_num_scheduled_tokens
+        output.step_seconds = time.perf_counter() - started
+        return output
+
+    def _execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self._apply(out)
         if out.is_empty:
             return ModelRunnerOutput(request_ids=[], sampled_token_ids=[], logprobs=[])

@@ -11,6 +11,8 @@ import time
 
 import msgspec
 
+from deepflow.cache.rtc import BlockTransfer
+from deepflow.engine.contexts import CreateContext
 from deepflow.engine.sampling_params import SamplingParams
 
 
@@ -36,6 +38,9 @@ class EngineCoreRequest(msgspec.Struct, kw_only=True):
     eos_token_ids: list[int] = msgspec.field(default_factory=list)
     arrival_time: float = 0.0
     priority: int = 0  # lower runs first; ties are first-come first-served
+    cache_salt: str = ""  # prefix-cache namespace: requests of different salts never share cached KV
+    context_id: str | None = None  # the prompt starts with this pinned context's tokens
+    create_context: CreateContext | None = None  # compute the prompt's KV and pin it as a context
 
 
 class Request:
@@ -51,6 +56,10 @@ class Request:
         self.stop_token_ids = frozenset(params.stop_token_ids)
         self.arrival_time = core_request.arrival_time or time.monotonic()
         self.priority = core_request.priority
+        self.cache_salt = core_request.cache_salt
+        self.context_id = core_request.context_id
+        self.create_context = core_request.create_context
+        self.context_pinned_tokens: int | None = None
         room = max_model_len - len(self.prompt_token_ids)
         self.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         self.output_token_ids: list[int] = []
@@ -115,10 +124,23 @@ class SchedulerOutput(msgspec.Struct, kw_only=True):
     # preempted ones while keeping their sampling state (a seeded generator must resume where it stopped).
     finished_request_ids: list[str]
     preempted_request_ids: list[str]
+    # KV copies (evictions to the host tier, populates back, copy-on-write of a partial block) to perform in
+    # order before this step's tokens are computed.
+    kv_transfers: list[BlockTransfer] = msgspec.field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
         return self.total_num_scheduled_tokens == 0
+
+    @property
+    def has_executor_work(self) -> bool:
+        """Tokens to compute, copies to make, or requests to forget: the executor must run this step."""
+        return bool(
+            self.total_num_scheduled_tokens
+            or self.kv_transfers
+            or self.finished_request_ids
+            or self.preempted_request_ids
+        )
 
 
 class Logprobs(msgspec.Struct, array_like=True):
@@ -137,6 +159,9 @@ class ModelRunnerOutput(msgspec.Struct, kw_only=True):
     request_ids: list[str]
     sampled_token_ids: list[int]
     logprobs: list[Logprobs | None]
+    finished_transfer_ids: list[int] = msgspec.field(default_factory=list)  # populates now complete
+    num_tokens: int = 0  # tokens computed in the step
+    step_seconds: float = 0.0  # wall time of the step, copies included
 
 
 class EngineCoreOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -147,6 +172,8 @@ class EngineCoreOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     queue_time: float | None = None  # on a request's first output: seconds from arrival to first scheduled
+    context_pinned_tokens: int | None = None  # a context-creating request's pinned tokens, when it finishes
+    error_type: str | None = None  # a rejected request: "invalid" or "context_limit"
 
 
 class SchedulerStats(msgspec.Struct, kw_only=True):
@@ -154,8 +181,13 @@ class SchedulerStats(msgspec.Struct, kw_only=True):
     num_waiting: int
     kv_cache_usage: float
     num_preemptions_total: int
-    prefix_cache_queries_total: int
-    prefix_cache_hits_total: int
+    prefix_cache_queries_total: int  # prompt tokens looked up
+    prefix_cache_hits_total: int  # of those, tokens served from the cache (either tier)
+    prefix_cache_host_hits_total: int = 0  # of the hits, tokens populated back from the host tier
+    kv_blocks_evicted_total: int = 0  # blocks that left the device pool
+    host_blocks_evicted_total: int = 0  # blocks dropped from the host tier
+    populate_latencies: list[float] = msgspec.field(default_factory=list)  # since the last stats
+    pinned_context_tokens: int = 0
 
 
 class EngineCoreOutputs(msgspec.Struct, kw_only=True, tag="outputs"):

@@ -6,6 +6,10 @@ requests are admitted while budget, `max_num_seqs` and KV blocks allow. When blo
 request with the lowest priority (latest arrival) is preempted: its blocks are freed and it is recomputed
 later. Scheduling only needs token *counts*, so step N+1 can be planned while step N runs (paper §4.2): a
 request whose step will sample counts one pending token until the sampled id arrives.
+
+KV blocks come from the Relational Tensor Cache (`deepflow.cache.rtc`): on admission a request starts from its
+longest cached prefix (or waits while the prefix is populated back from the host tier), and every request
+publishes the blocks it has computed, so later requests (and its own resumption after preemption) reuse them.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import bisect
 import time
 from dataclasses import dataclass
 
-from deepflow.cache.block_pool import BlockPool
+from deepflow.cache.rtc import PrefixMatch, RelationalTensorCache
 from deepflow.engine.request import (
     CachedRequestData,
     EngineCoreOutput,
@@ -44,17 +48,15 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_pool: BlockPool) -> None:
+    def __init__(self, config: SchedulerConfig, cache: RelationalTensorCache) -> None:
         self.config = config
-        self.block_pool = block_pool
+        self.cache = cache
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []  # kept sorted by (priority, arrival)
         self.running: list[Request] = []  # admission order
         self._forget: list[str] = []  # executor state to drop at the next step
         self._preempted: list[str] = []  # executor KV state to drop at the next step
         self.num_preemptions_total = 0
-        self.prefix_cache_queries_total = 0  # prompt tokens looked up in the prefix cache
-        self.prefix_cache_hits_total = 0  # of those, tokens found cached
 
     # ---- requests in and out -------------------------------------------------------------------------
     def add_request(self, core_request: EngineCoreRequest) -> None:
@@ -69,6 +71,8 @@ class Scheduler:
                 "and at least one must remain for the output"
             )
         request = Request(core_request, self.config.max_model_len)
+        if request.create_context is not None:
+            self.cache.reserve_context(request.create_context.context_id, prompt_len)
         self.requests[request.request_id] = request
         self._enqueue(request)
 
@@ -93,17 +97,32 @@ class Scheduler:
         return bool(self._forget or self._preempted)
 
     def stats(self) -> SchedulerStats:
+        cache = self.cache.stats
+        latencies, cache.populate_latencies = cache.populate_latencies, []
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
-            kv_cache_usage=self.block_pool.usage,
+            kv_cache_usage=self.cache.usage(),
             num_preemptions_total=self.num_preemptions_total,
-            prefix_cache_queries_total=self.prefix_cache_queries_total,
-            prefix_cache_hits_total=self.prefix_cache_hits_total,
+            prefix_cache_queries_total=cache.queries_tokens,
+            prefix_cache_hits_total=cache.device_hit_tokens + cache.host_hit_tokens,
+            prefix_cache_host_hits_total=cache.host_hit_tokens,
+            kv_blocks_evicted_total=cache.device_evicted_blocks,
+            host_blocks_evicted_total=cache.host_evicted_blocks,
+            populate_latencies=latencies,
+            pinned_context_tokens=self.cache.pinned_context_tokens(),
         )
+
+    # ---- explicit contexts and cache admin --------------------------------------------------------------
+    def release_context(self, context_id: str) -> bool:
+        return self.cache.release_context(context_id)
+
+    def reset_prefix_cache(self) -> int:
+        return self.cache.reset()
 
     # ---- one step ----------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        self.cache.expire_contexts(time.time())
         budget = self.config.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
         new_requests: list[NewRequestData] = []
@@ -117,16 +136,14 @@ class Scheduler:
             if num_new == 0:
                 index += 1
                 continue
-            new_blocks = self.block_pool.alloc_blocks(
-                request.request_id, request.num_computed_tokens + num_new
-            )
+            new_blocks = self.cache.append_block(request.request_id, request.num_computed_tokens + num_new)
             while new_blocks is None:
                 victim = self._pick_victim(index)
                 self._preempt(victim)
                 preempted = True
                 if victim is request:
                     break
-                new_blocks = self.block_pool.alloc_blocks(
+                new_blocks = self.cache.append_block(
                     request.request_id, request.num_computed_tokens + num_new
                 )
             if new_blocks is None:
@@ -149,10 +166,13 @@ class Scheduler:
             total_num_scheduled_tokens=sum(num_scheduled.values()),
             finished_request_ids=forget,
             preempted_request_ids=preempted_ids,
+            kv_transfers=self.cache.take_transfers(),
         )
 
     def update_from_output(self, runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """Record sampled tokens, finish requests that stop, return what each request produced."""
+        self.cache.transfers_done(runner_output.finished_transfer_ids)
+        self.cache.observe_step(runner_output.num_tokens, runner_output.step_seconds)
         outputs = []
         for request_id, token_id, logprobs in zip(
             runner_output.request_ids, runner_output.sampled_token_ids, runner_output.logprobs, strict=False
@@ -175,6 +195,7 @@ class Scheduler:
                     stop_reason=stop_token,
                     num_cached_tokens=request.num_cached_tokens,
                     queue_time=request.first_scheduled_time - request.arrival_time if first else None,
+                    context_pinned_tokens=request.context_pinned_tokens,
                 )
             )
         return outputs
@@ -195,6 +216,9 @@ class Scheduler:
         request.num_computed_tokens += num_new
         if request.num_computed_tokens == request.num_tokens:
             request.num_pending_tokens += 1
+        # Published at once: a request admitted later in this pass may share these blocks, since each layer
+        # writes the whole batch's K/V before any attention reads them.
+        self._commit(request)
 
     def _admit_waiting(
         self, budget: int, num_scheduled: dict[str, int], new_requests: list[NewRequestData]
@@ -205,13 +229,29 @@ class Scheduler:
                 break
             if request.num_pending_tokens:
                 continue  # preempted with a token still in flight: its ids are not all known yet
-            remaining = request.num_tokens - request.num_computed_tokens
+            if not self.cache.query_populate(request.request_id):
+                continue  # its prefix is still being copied in from the host tier
+            match = self._match(request)
+            if match is not None and match.pending is not None:
+                continue  # another request's populate is bringing this prefix in: wait for it
+            if (
+                match is not None
+                and match.host
+                and not self.cache.is_populating(request.request_id)
+                and self.cache.should_populate(match)
+                and self.cache.populate(request.request_id, match)
+            ):
+                continue
+            cached = match.num_device_tokens if match is not None else 0
+            remaining = request.num_tokens - cached
             if not self.config.enable_chunked_prefill and remaining > budget:
                 break
             num_new = min(remaining, budget)
-            blocks = self.block_pool.alloc_blocks(request.request_id, request.num_computed_tokens + num_new)
-            if blocks is None:
+            namespace = match.namespace if match is not None else request.cache_salt
+            table = self.cache.alloc_blocks(request.request_id, namespace, match, cached + num_new)
+            if table is None:
                 break
+            request.num_computed_tokens = cached
             new_requests.append(
                 NewRequestData(
                     request_id=request.request_id,
@@ -219,13 +259,14 @@ class Scheduler:
                     output_token_ids=list(request.output_token_ids),
                     sampling_params=request.sampling_params,
                     eos_token_ids=sorted(request.eos_token_ids),
-                    block_ids=list(self.block_pool.block_table(request.request_id)),
-                    num_computed_tokens=request.num_computed_tokens,
+                    block_ids=list(table),
+                    num_computed_tokens=cached,
                 )
             )
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
-                self.prefix_cache_queries_total += len(request.prompt_token_ids)
+                request.num_cached_tokens = min(cached, len(request.prompt_token_ids))
+                self.cache.stats.queries_tokens += len(request.prompt_token_ids)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             admitted.append(request)
@@ -235,13 +276,42 @@ class Scheduler:
             self.waiting.remove(request)
         return budget
 
+    def _match(self, request: Request) -> PrefixMatch | None:
+        """The request's cached prefix, leaving out its last token (whose logits must be computed)."""
+        if request.context_id is None and not self.cache.enable_prefix_caching:
+            return None
+        tokens = (request.prompt_token_ids + request.output_token_ids)[: request.num_tokens - 1]
+        if request.context_id is not None:
+            match = self.cache.match_by_id(request.context_id, tokens)
+            if match is not None:
+                return match
+            if not self.cache.enable_prefix_caching:
+                return None
+        return self.cache.match_by_prefix_tokens(request.cache_salt, tokens)
+
+    def _commit(self, request: Request) -> None:
+        """Publish the request's computed whole blocks, so that others (and its own resumption) reuse them."""
+        if not self.cache.enable_prefix_caching and request.create_context is None:
+            return
+        bs = self.cache.block_size
+        known = len(request.prompt_token_ids) + len(request.output_token_ids)
+        if min(known, request.num_computed_tokens) // bs > self.cache.num_committed_blocks(
+            request.request_id
+        ):
+            self.cache.commit(
+                request.request_id,
+                request.prompt_token_ids + request.output_token_ids,
+                request.num_computed_tokens,
+            )
+
     def _pick_victim(self, index: int) -> Request:
         """The lowest-priority, latest request not yet scheduled this step; else the current one."""
         candidates = self.running[index:]
         return max(candidates, key=lambda r: r.sort_key)
 
     def _preempt(self, request: Request) -> None:
-        self.block_pool.free(request.request_id)
+        self._commit(request)
+        self.cache.free(request.request_id)
         self.running.remove(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -256,7 +326,19 @@ class Scheduler:
 
     def _finish(self, request: Request) -> None:
         # The one exit path of a request: whatever it holds goes back here.
-        self.block_pool.free(request.request_id)
+        self._commit(request)
+        context = request.create_context
+        if context is not None:
+            if request.status == RequestStatus.RUNNING and request.output_token_ids:
+                request.context_pinned_tokens = self.cache.pin_context(
+                    context.context_id,
+                    request.request_id,
+                    request.prompt_token_ids,
+                    time.time() + context.ttl_seconds,
+                )
+            else:
+                self.cache.unreserve_context(context.context_id)
+        self.cache.free(request.request_id)
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
         else:

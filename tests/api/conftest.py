@@ -7,29 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.server_utils import API_KEY, ServerProcess, start_server
+from tests.api.server_utils import ServerProcess, smollm2_args, start_server, stop_cleanly
 
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir: Path) -> Iterator[ServerProcess]:
-    """float32 for exact greedy comparisons; a small KV pool and batch keep the machine responsive."""
-    srv = start_server(
-        [
-            "--model",
-            str(smollm2_dir),
-            "--dtype",
-            "float32",
-            "--max-num-seqs",
-            "4",
-            "--kv-cache-memory",
-            "64MiB",
-            "--api-key",
-            API_KEY,
-            "--log-level",
-            "warning",
-        ]
-    )
+    srv = start_server(smollm2_args(smollm2_dir))
     yield srv
-    code = srv.stop()
-    assert code == 0, f"server exited with {code}:\n{srv.log}"
-    assert "DeepFlow stopped" in srv.log
+    stop_cleanly(srv)

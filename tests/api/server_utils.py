@@ -40,6 +40,24 @@ class ServerProcess:
         return code
 
 
+def smollm2_args(smollm2_dir: Path) -> list[str]:
+    """float32 for exact greedy comparisons; a small KV pool and batch keep the machine responsive."""
+    return [
+        "--model",
+        str(smollm2_dir),
+        "--dtype",
+        "float32",
+        "--max-num-seqs",
+        "4",
+        "--kv-cache-memory",
+        "64MiB",
+        "--api-key",
+        API_KEY,
+        "--log-level",
+        "warning",
+    ]
+
+
 def start_server(extra_args: list[str], timeout: float = 240.0) -> ServerProcess:
     """Run `deepflow serve --port 0` and wait for its ready line, which carries the port it got."""
     env = {k: v for k, v in os.environ.items() if k != "DEEPFLOW_API_KEY"}
@@ -70,6 +88,13 @@ def start_server(extra_args: list[str], timeout: float = 240.0) -> ServerProcess
         process.kill()
         raise RuntimeError(f"deepflow serve did not become ready:\n{server.log}")
     return server
+
+
+def stop_cleanly(server: ServerProcess) -> None:
+    """SIGTERM, then the server must exit 0 after shutting its engine down."""
+    code = server.stop()
+    assert code == 0, f"server exited with {code}:\n{server.log}"
+    assert "DeepFlow stopped" in server.log
 
 
 def metric_value(text: str, name: str, **labels: str) -> float | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,64 +14,11 @@ from fastapi.testclient import TestClient
 from deepflow.api.cli import parse_size, resolve_api_key
 from deepflow.api.server import build_app
 from deepflow.cli import build_parser
-from deepflow.engine.async_llm import EngineDeadError
-from deepflow.engine.outputs import CompletionOutput, RequestOutput
-from deepflow.engine.request import Logprobs
 from deepflow.engine.sampling_params import SamplingParams
 from deepflow.engine.tokenizer import Tokenizer
+from tests.api.fake_engine import FakeEngine
 
 MODEL = "fake-model"
-
-
-class FakeEngine:
-    """Answers every request with the tokens of " Paris." (or fails, per `mode`), recording what it got."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.max_model_len = 64
-        self.model_path = Path("/models/fake-model")
-        self.mode = "ok"
-        self.alive = True
-        self.calls: list[tuple[list[int], SamplingParams, str | None, int]] = []
-
-    def is_alive(self) -> bool:
-        return self.alive
-
-    async def abort(self, request_id: str) -> None:
-        pass
-
-    async def generate(
-        self,
-        prompt: str | list[int],
-        sampling_params: SamplingParams | None = None,
-        request_id: str | None = None,
-        *,
-        priority: int = 0,
-    ) -> AsyncIterator[RequestOutput]:
-        params = sampling_params or SamplingParams()
-        assert isinstance(prompt, list)
-        self.calls.append((prompt, params, request_id, priority))
-        if self.mode == "dead":
-            raise EngineDeadError("engine process exited with code -9")
-        if self.mode == "boom":
-            raise RuntimeError("kaboom")
-        ids = self.tokenizer.encode(" Paris.", add_special_tokens=False)
-        lps = [Logprobs(i, -0.5, 1, [i], [-0.5]) for i in ids] if params.logprobs is not None else None
-        reason = "abort" if self.mode == "abort" else "stop"
-        outputs = [
-            CompletionOutput(
-                index=k,
-                text=" Paris.",
-                token_ids=ids,
-                logprobs=lps,
-                finish_reason=reason,
-                delta_text=" Paris.",
-                delta_token_ids=ids,
-                delta_logprobs=lps or [],
-            )
-            for k in range(params.n)
-        ]
-        yield RequestOutput(request_id or "r", None, prompt, outputs, num_cached_tokens=3)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +74,8 @@ def test_every_sampling_parameter_reaches_the_engine(client: TestClient, engine:
     response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
     assert len(engine.calls) == 1  # n=2 is one engine request; the engine fans it out
-    (prompt, params, request_id, priority) = engine.calls[-1]
+    call = engine.calls[-1]
+    prompt, params, request_id, priority = call.prompt, call.params, call.request_id, call.priority
     assert params == SamplingParams(
         n=2,
         temperature=0.7,
@@ -159,10 +106,10 @@ def test_every_sampling_parameter_reaches_the_engine(client: TestClient, engine:
 
 def test_defaults_match_openai(client: TestClient, engine: FakeEngine) -> None:
     assert client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi"}).status_code == 200
-    params = engine.calls[-1][1]
+    params = engine.calls[-1].params
     assert params == SamplingParams(max_tokens=16)  # completions: 16 tokens, temperature 1
     assert client.post("/v1/chat/completions", json=chat()).status_code == 200
-    assert engine.calls[-1][1] == SamplingParams(max_tokens=None)  # chat: up to the context
+    assert engine.calls[-1].params == SamplingParams(max_tokens=None)  # chat: up to the context
 
 
 def test_content_parts_and_developer_role(client: TestClient, engine: FakeEngine) -> None:
@@ -177,7 +124,7 @@ def test_content_parts_and_developer_role(client: TestClient, engine: FakeEngine
     expected = engine.tokenizer.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital\nof France?"}]
     )
-    assert engine.calls[-1][0] == engine.tokenizer.encode(expected, add_special_tokens=False)
+    assert engine.calls[-1].prompt == engine.tokenizer.encode(expected, add_special_tokens=False)
 
 
 def test_engine_dead_is_503(client: TestClient, engine: FakeEngine) -> None:

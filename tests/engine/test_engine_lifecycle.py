@@ -93,5 +93,6 @@ def _exercise(core: EngineCore, data: st.DataObject) -> None:
         core.step()
     assert not core.has_work()
     assert not core.scheduler.requests
-    assert core.block_pool.num_free_blocks == core.block_pool.num_blocks
+    core.cache.check_consistency()
+    assert not core.cache.owners() and core.cache.usage() == 0.0
     assert not core.runner.requests and not core.runner._parked

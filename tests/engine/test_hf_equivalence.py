@@ -61,7 +61,8 @@ def run_engine(folder: Path, prompts: list[list[int]], max_new: int, **options) 
         params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
         assert not llm.core.scheduler.requests and not llm.core.runner.requests
-        assert llm.core.block_pool.num_free_blocks == llm.core.block_pool.num_blocks
+        llm.core.cache.check_consistency()
+        assert not llm.core.cache.owners() and llm.core.cache.usage() == 0.0
         if options.get("num_kv_blocks"):
             assert llm.core.scheduler.num_preemptions_total > 0, "the setup was meant to force preemption"
         return [o.outputs[0].token_ids for o in outputs]

@@ -22,7 +22,8 @@ def llm(smollm2_dir: Path):
 def assert_idle(engine: LLM) -> None:
     core = engine.core
     assert not core.has_work()
-    assert core.block_pool.num_free_blocks == core.block_pool.num_blocks
+    core.cache.check_consistency()
+    assert not core.cache.owners() and core.cache.usage() == 0.0
     assert not core.runner.requests and not core.runner._parked
 
 
@@ -128,10 +129,10 @@ def test_async_streaming_matches_offline_and_abort_frees_blocks(smollm2_dir: Pat
                 reasons.append(out.outputs[0].finish_reason)
             assert reasons[-1] == "abort"
             for _ in range(100):
-                if core.block_pool.num_free_blocks == core.block_pool.num_blocks and not core.has_work():
+                if not core.cache.owners() and not core.has_work():
                     break
                 await asyncio.sleep(0.02)
-            assert core.block_pool.num_free_blocks == core.block_pool.num_blocks
+            assert not core.cache.owners() and core.cache.usage() == 0.0
             assert not core.scheduler.requests
         finally:
             engine.shutdown()

@@ -7,24 +7,54 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deepflow.cache.block_pool import BlockPool
+from deepflow.cache.cost_model import PopulateCostModel
+from deepflow.cache.rtc import BlockTransfer, RelationalTensorCache
+from deepflow.engine.contexts import CreateContext
 from deepflow.engine.request import EngineCoreRequest, ModelRunnerOutput, SchedulerOutput
 from deepflow.engine.sampling_params import SamplingParams
 from deepflow.engine.scheduler import Scheduler, SchedulerConfig
 
 
 class FakeRunner:
-    """Mirrors the model runner's bookkeeping (state diffs, which requests sample) without a model."""
+    """Mirrors the model runner's bookkeeping (state diffs, which requests sample) without a model, and
+    simulates KV content: the slot of position p holds a digest of the tokens up to p. It performs the RTC's
+    copies as the real runner does, writes the step's K/V before any request "attends", and checks that every
+    position a request attends to holds the right digest, so a prefix hit on a wrong or stale block fails."""
 
-    def __init__(self, seed: int = 0, eos: int = 2) -> None:
+    def __init__(self, seed: int = 0, eos: int = 2, block_size: int = 4) -> None:
         self.tokens: dict[str, list[int]] = {}
         self.computed: dict[str, int] = {}
         self.blocks: dict[str, list[int]] = {}
         self.parked: set[str] = set()
         self.rng = random.Random(seed)
         self.eos = eos
+        self.block_size = block_size
+        self.tiers: dict[str, dict[tuple[int, int], int]] = {"device": {}, "host": {}}
+
+    def _copy(self, transfer: BlockTransfer) -> None:
+        tiers = {"d2h": ("device", "host"), "h2d": ("host", "device"), "d2d": ("device", "device")}
+        src_tier, dst_tier = tiers[transfer.kind]
+        src, dst = self.tiers[src_tier], self.tiers[dst_tier]
+        read = [[src.get((b, o)) for o in range(self.block_size)] for b in transfer.src]  # all reads first
+        for block, values in zip(transfer.dst, read, strict=True):
+            for offset, value in enumerate(values):
+                dst[(block, offset)] = value
+
+    @staticmethod
+    def _digests(tokens: list[int]) -> list[int]:
+        """digests[p] stands for the K/V of position p, which depends on every token up to p."""
+        out, last = [], 0
+        for token in tokens:
+            last = hash((last, token))
+            out.append(last)
+        return out
+
+    def _slot(self, rid: str, pos: int) -> tuple[int, int]:
+        return self.blocks[rid][pos // self.block_size], pos % self.block_size
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        for transfer in out.kv_transfers:
+            self._copy(transfer)
         for rid in out.preempted_request_ids:
             if self.tokens.pop(rid, None) is not None:
                 self.parked.add(rid)
@@ -41,30 +71,56 @@ class FakeRunner:
             self.blocks[new.request_id] = list(new.block_ids)
         for cached in out.cached_requests:
             self.blocks[cached.request_id].extend(cached.new_block_ids)
+        device = self.tiers["device"]
+        for rid, n in out.num_scheduled_tokens.items():  # every layer writes the batch's K/V first
+            start = self.computed[rid]
+            assert start + n <= len(self.tokens[rid]), "scheduled tokens the executor does not know"
+            assert len(self.blocks[rid]) * self.block_size >= start + n, "KV slots missing for scheduled ones"
+            digests = self._digests(self.tokens[rid])
+            for pos in range(start, start + n):
+                device[self._slot(rid, pos)] = digests[pos]
         ids, sampled = [], []
-        for rid, n in out.num_scheduled_tokens.items():
+        for rid, n in out.num_scheduled_tokens.items():  # ... then attends over everything before
             self.computed[rid] += n
-            assert self.computed[rid] <= len(self.tokens[rid]), "scheduled tokens the executor does not know"
-            assert len(self.blocks[rid]) * 4 >= self.computed[rid], "KV slots missing for scheduled tokens"
+            digests = self._digests(self.tokens[rid])
+            for pos in range(self.computed[rid]):
+                assert device.get(self._slot(rid, pos)) == digests[pos], f"{rid}: wrong KV at position {pos}"
             if self.computed[rid] == len(self.tokens[rid]):
                 token = self.eos if self.rng.random() < 0.05 else self.rng.randrange(3, 100)
                 self.tokens[rid].append(token)
                 ids.append(rid)
                 sampled.append(token)
-        return ModelRunnerOutput(request_ids=ids, sampled_token_ids=sampled, logprobs=[None] * len(ids))
+        return ModelRunnerOutput(
+            request_ids=ids,
+            sampled_token_ids=sampled,
+            logprobs=[None] * len(ids),
+            finished_transfer_ids=[t.transfer_id for t in out.kv_transfers if t.transfer_id],
+        )
 
 
-def make(num_blocks: int = 64, budget: int = 32, max_seqs: int = 8) -> Scheduler:
+class AlwaysPopulate(PopulateCostModel):
+    """A decision, not a fake: forces the host-tier path so tests cover it whatever the timings."""
+
+    def should_populate(self, num_tokens: int, num_blocks: int) -> bool:
+        return True
+
+
+def make(
+    num_blocks: int = 64, budget: int = 32, max_seqs: int = 8, num_host_blocks: int = 0, **cache_options
+) -> Scheduler:
     return Scheduler(
         SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=128),
-        BlockPool(num_blocks, block_size=4),
+        RelationalTensorCache(num_blocks, block_size=4, num_host_blocks=num_host_blocks, **cache_options),
     )
 
 
-def request(rid: str, prompt_len: int, max_tokens: int = 8, priority: int = 0, **kw) -> EngineCoreRequest:
+def request(
+    rid: str, prompt_len: int, max_tokens: int = 8, priority: int = 0, prompt: list[int] | None = None, **kw
+) -> EngineCoreRequest:
+    base = 3 + sum(map(ord, rid)) % 50  # distinct ids start distinct prompts: no accidental prefix hits
     return EngineCoreRequest(
         request_id=rid,
-        prompt_token_ids=list(range(3, 3 + prompt_len)),
+        prompt_token_ids=prompt if prompt is not None else [base + i % 40 for i in range(prompt_len)],
         sampling_params=SamplingParams(max_tokens=max_tokens, **kw),
         eos_token_ids=[2],
         priority=priority,
@@ -72,11 +128,9 @@ def request(rid: str, prompt_len: int, max_tokens: int = 8, priority: int = 0, *
 
 
 def assert_blocks_consistent(s: Scheduler) -> None:
-    pool = s.block_pool
-    owned = [b for rid in pool.owners() for b in pool.block_table(rid)]
-    assert len(owned) == len(set(owned)), "a block is owned twice"
-    assert len(owned) + pool.num_free_blocks == pool.num_blocks
-    assert set(pool.owners()) <= {r.request_id for r in s.running}, "a non-running request holds blocks"
+    s.cache.check_consistency()
+    owners = set(s.cache.owners())
+    assert owners <= {r.request_id for r in s.running}, "a non-running request holds blocks"
 
 
 def test_token_budget_mixes_decodes_and_chunked_prefill() -> None:
@@ -138,30 +192,72 @@ def test_max_tokens_is_exact_with_pending_tokens() -> None:
     assert len(produced) == 3
 
 
+FAMILIES = [[3 + (7 * i + f) % 90 for i in range(60)] for f in range(3)]  # shared prompt prefixes
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     data=st.data(),
     async_mode=st.booleans(),
-    num_blocks=st.integers(min_value=16, max_value=48),
-    budget=st.integers(min_value=1, max_value=48),
+    num_blocks=st.integers(min_value=20, max_value=48),
+    num_host_blocks=st.sampled_from([0, 8, 64]),
+    budget=st.integers(min_value=4, max_value=48),
+    always_populate=st.booleans(),
+    caching=st.booleans(),
 )
-def test_random_submits_and_aborts_leave_nothing_behind(data, async_mode, num_blocks, budget) -> None:
-    s = make(num_blocks=num_blocks, budget=budget, max_seqs=6)
+def test_random_interleavings_keep_the_cache_consistent(
+    data, async_mode, num_blocks, num_host_blocks, budget, always_populate, caching
+) -> None:
+    """Requests sharing prefixes, aborts, preemptions, evictions to the host tier, populates, contexts that
+    are created, deleted or expire: every block is always in exactly one place, locks match their holders,
+    every attended position holds the right K/V, and at the end only live contexts hold anything."""
+    s = make(
+        num_blocks=num_blocks,
+        budget=budget,
+        max_seqs=6,
+        num_host_blocks=num_host_blocks,
+        enable_prefix_caching=caching,
+        # As the engine does: pins leave room for the longest request (here 52 + 20 tokens, 18 blocks).
+        max_context_tokens=(num_blocks - 18) * 4,
+        cost_model=AlwaysPopulate() if always_populate else None,
+    )
     runner = FakeRunner(seed=data.draw(st.integers(0, 1000)))
     next_id = 0
     inflight: ModelRunnerOutput | None = None
+    contexts: list[str] = []
     for _ in range(data.draw(st.integers(5, 60))):
-        action = data.draw(st.sampled_from(["submit", "abort", "step", "step"]))
-        if action == "submit":
-            s.add_request(
-                request(
-                    f"r{next_id}",
-                    data.draw(st.integers(1, 40)),
-                    data.draw(st.integers(1, 20)),
-                    priority=data.draw(st.integers(0, 2)),
-                )
+        actions = ["submit", "submit", "context", "release", "abort", "step", "step"]
+        action = data.draw(st.sampled_from(actions))
+        if action in ("submit", "context"):
+            family = FAMILIES[data.draw(st.integers(0, len(FAMILIES) - 1))]
+            shared = data.draw(st.integers(0, 40))
+            tail = data.draw(st.lists(st.integers(3, 99), min_size=1 if shared == 0 else 0, max_size=12))
+            kwargs = {}
+            if action == "context":
+                context_id = f"ctx{next_id}"
+                ttl = data.draw(st.sampled_from([1e-9, 1e6]))
+                kwargs["create_context"] = CreateContext(context_id=context_id, ttl_seconds=ttl)
+            elif contexts and data.draw(st.booleans()):
+                kwargs["context_id"] = data.draw(st.sampled_from(contexts))
+            core_request = request(
+                f"r{next_id}",
+                0,
+                data.draw(st.integers(1, 20)),
+                priority=data.draw(st.integers(0, 2)),
+                prompt=family[:shared] + tail,
             )
+            core_request.create_context = kwargs.get("create_context")
+            core_request.context_id = kwargs.get("context_id")
+            try:
+                s.add_request(core_request)
+            except ValueError:  # a context over the cap: rejected before it holds anything
+                assert action == "context"
+            else:
+                if action == "context":
+                    contexts.append(f"ctx{next_id}")
             next_id += 1
+        elif action == "release" and contexts:
+            s.release_context(data.draw(st.sampled_from(contexts)))
         elif action == "abort" and s.requests:
             s.abort([data.draw(st.sampled_from(sorted(s.requests)))])
         else:
@@ -171,8 +267,8 @@ def test_random_submits_and_aborts_leave_nothing_behind(data, async_mode, num_bl
             if out is not None:
                 s.update_from_output(out)
         assert_blocks_consistent(s)
-    # Drain: every request finishes, then every block is free and no state is left anywhere.
-    for _ in range(2000):
+    # Drain: every request finishes, then every block is free or cached, and no state is left anywhere.
+    for _ in range(20000):
         if not s.has_unfinished_requests() and inflight is None:
             break
         out = runner.execute(s.schedule())
@@ -182,6 +278,13 @@ def test_random_submits_and_aborts_leave_nothing_behind(data, async_mode, num_bl
             s.update_from_output(out)
         assert_blocks_consistent(s)
     runner.execute(s.schedule())  # delivers the last forget lists to the executor
-    assert not s.requests and not s.running and not s.waiting
-    assert s.block_pool.num_free_blocks == s.block_pool.num_blocks
+    stuck = [(r.request_id, r.status.value, r.num_computed_tokens, r.num_tokens) for r in s.requests.values()]
+    assert not s.requests and not s.running and not s.waiting, f"requests never finished: {stuck}"
+    assert not s.cache.owners()
     assert not runner.tokens and not runner.parked
+    for context_id in s.cache.contexts():
+        s.release_context(context_id)
+    assert s.cache.usage() == 0.0, "a block is still held with no request or context alive"
+    s.cache.reset()
+    s.cache.check_consistency()
+    assert s.cache.num_free_blocks == s.cache.num_blocks

@@ -1,0 +1,1 @@
+"""The serverless layer (paper §3, §5, §6): jobs, job executor, task-executor shells, cluster manager."""

@@ -1,0 +1,61 @@
+"""The job executor's scheduling policies (paper §5): pure functions of a request and a cluster snapshot.
+
+No torch, sockets, asyncio or clocks: the JE and the simulator run the same code. A policy picks one
+healthy TE of a group (`select(request, group) -> Decision`); the group's `GlobalPromptTree` follows its
+TEs' caches through their `KVEvent`s.
+"""
+
+from __future__ import annotations
+
+from deepflow.platform.je.policies.combined import Combined
+from deepflow.platform.je.policies.load import LeastLoad, RoundRobin, load_key
+from deepflow.platform.je.policies.locality import LocalityAware
+from deepflow.platform.je.policies.prompt_tree import (
+    AllCleared,
+    BlockRemoved,
+    BlockStored,
+    GlobalPromptTree,
+    KVEvent,
+    hash_blocks,
+    iter_block_hashes,
+    root_hash,
+)
+from deepflow.platform.je.policies.registry import POLICIES, make_policy
+from deepflow.platform.je.policies.types import (
+    ClusterSnapshot,
+    Decision,
+    GroupSnapshot,
+    NoHealthyTE,
+    Policy,
+    PrefixIndex,
+    Reason,
+    RoutingRequest,
+    TELoad,
+)
+
+__all__ = [
+    "POLICIES",
+    "AllCleared",
+    "BlockRemoved",
+    "BlockStored",
+    "ClusterSnapshot",
+    "Combined",
+    "Decision",
+    "GlobalPromptTree",
+    "GroupSnapshot",
+    "KVEvent",
+    "LeastLoad",
+    "LocalityAware",
+    "NoHealthyTE",
+    "Policy",
+    "PrefixIndex",
+    "Reason",
+    "RoundRobin",
+    "RoutingRequest",
+    "TELoad",
+    "hash_blocks",
+    "iter_block_hashes",
+    "load_key",
+    "make_policy",
+    "root_hash",
+]

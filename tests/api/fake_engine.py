@@ -1,0 +1,134 @@
+"""An engine without a model for the app's unit tests: it records what reaches it and answers " Paris."."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from deepflow.engine.async_llm import EngineDeadError
+from deepflow.engine.contexts import ContextInfo, ContextLimitError
+from deepflow.engine.outputs import CompletionOutput, RequestOutput
+from deepflow.engine.request import Logprobs
+from deepflow.engine.sampling_params import SamplingParams
+from deepflow.engine.tokenizer import Tokenizer
+
+
+@dataclass
+class Call:
+    prompt: list[int]
+    params: SamplingParams
+    request_id: str | None
+    priority: int
+    cache_salt: str | None
+    context_id: str | None
+
+
+@dataclass
+class ContextCall:
+    prompt_token_ids: list[int]
+    ttl_seconds: float
+    context_id: str | None
+    cache_salt: str | None
+
+
+class FakeEngine:
+    """Answers every request with the tokens of " Paris." (or fails, per `mode`), recording what it got.
+
+    Modes: "ok", "dead" (EngineDeadError), "boom" (RuntimeError), "abort" (an engine-side abort),
+    "limit" (create_context hits the pinned-token cap), "bad" (create_context refuses the input)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = 64
+        self.model_path = Path("/models/fake-model")
+        self.mode = "ok"
+        self.alive = True
+        self.cached_tokens = 3
+        self.clock: Callable[[], float] = time.time
+        self.calls: list[Call] = []
+        self.context_calls: list[ContextCall] = []
+        self.pinned: set[str] = set()
+        self.deleted: list[str] = []
+        self.resets = 0
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    async def abort(self, request_id: str) -> None:
+        pass
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        context_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        params = sampling_params or SamplingParams()
+        assert isinstance(prompt, list)
+        self.calls.append(Call(prompt, params, request_id, priority, cache_salt, context_id))
+        if self.mode == "dead":
+            raise EngineDeadError("engine process exited with code -9")
+        if self.mode == "boom":
+            raise RuntimeError("kaboom")
+        ids = self.tokenizer.encode(" Paris.", add_special_tokens=False)
+        lps = [Logprobs(i, -0.5, 1, [i], [-0.5]) for i in ids] if params.logprobs is not None else None
+        reason = "abort" if self.mode == "abort" else "stop"
+        outputs = [
+            CompletionOutput(
+                index=k,
+                text=" Paris.",
+                token_ids=ids,
+                logprobs=lps,
+                finish_reason=reason,
+                delta_text=" Paris.",
+                delta_token_ids=ids,
+                delta_logprobs=lps or [],
+            )
+            for k in range(params.n)
+        ]
+        yield RequestOutput(request_id or "r", None, prompt, outputs, num_cached_tokens=self.cached_tokens)
+
+    async def create_context(
+        self,
+        prompt_token_ids: list[int],
+        *,
+        ttl_seconds: float,
+        context_id: str | None = None,
+        cache_salt: str | None = None,
+    ) -> ContextInfo:
+        self.context_calls.append(ContextCall(list(prompt_token_ids), ttl_seconds, context_id, cache_salt))
+        if self.mode == "dead":
+            raise EngineDeadError("engine process exited with code -9")
+        if self.mode == "limit":
+            raise ContextLimitError(
+                f"pinning {len(prompt_token_ids)} tokens would exceed the cap of 32 pinned context tokens"
+            )
+        if self.mode == "bad":
+            raise ValueError("the engine refuses this context")
+        context_id = context_id or "ctx-from-engine"
+        self.pinned.add(context_id)
+        n = len(prompt_token_ids)
+        return ContextInfo(
+            context_id=context_id,
+            num_tokens=n,
+            num_pinned_tokens=n // 16 * 16,
+            expires_at=self.clock() + ttl_seconds,
+        )
+
+    async def delete_context(self, context_id: str) -> bool:
+        self.deleted.append(context_id)
+        known = context_id in self.pinned
+        self.pinned.discard(context_id)
+        return known
+
+    async def reset_prefix_cache(self) -> bool:
+        if self.mode == "dead":
+            raise EngineDeadError("engine process exited with code -9")
+        self.resets += 1
+        return True
