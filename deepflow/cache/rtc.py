@@ -30,6 +30,7 @@ import msgspec
 
 from deepflow.cache.block_pool import BlockPool
 from deepflow.cache.cost_model import PopulateCostModel
+from deepflow.cache.events import BlockRemoved, BlockStored, KVEvent, hash_blocks
 from deepflow.cache.radix_tree import Node, RadixTree
 from deepflow.engine.contexts import ContextLimitError
 
@@ -98,6 +99,7 @@ class CacheStats:
     queries_tokens: int = 0
     device_hit_tokens: int = 0
     host_hit_tokens: int = 0
+    partial_hits: int = 0  # hits that ended inside a block (copied on write)
     device_evicted_blocks: int = 0  # left the device pool (to the host tier or dropped)
     host_evicted_blocks: int = 0  # dropped from the host tier
     populates: int = 0
@@ -115,7 +117,9 @@ class RelationalTensorCache:
         max_context_tokens: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         cost_model: PopulateCostModel | None = None,
+        kv_events: bool = False,
     ) -> None:
+        """`kv_events`: record cache-residency events (`take_events`) for job executors' prompt trees."""
         if num_device_blocks < 1 or block_size < 1:
             raise ValueError("num_device_blocks and block_size must be >= 1")
         self.block_size = block_size
@@ -136,6 +140,7 @@ class RelationalTensorCache:
         self._inflight: dict[int, tuple[float, int]] = {}  # transfer id -> (issued at, blocks)
         self._transfer_ids = itertools.count(1)
         self._transfers: list[BlockTransfer] = []
+        self._events: list[KVEvent] | None = [] if kv_events else None
         self._run_targets: set[int] = set()  # blocks written by the last transfer run
         # Blocks committed during this scheduling pass: their K/V is computed in the coming step, after the
         # copies, so they may be shared (attention reads them after each layer writes) but not copied from.
@@ -265,6 +270,7 @@ class RelationalTensorCache:
         cached = len(shared) * bs
         if partial_src is not None and fresh:
             self._emit("d2d", [partial_src], [fresh[0]])
+            self.stats.partial_hits += 1
             cached += match.partial_tokens  # type: ignore[union-attr]
         table = shared + fresh
         self._holdings[request_id] = _Holding(namespace, table, set(fresh), locked, num_cached_tokens=cached)
@@ -311,7 +317,9 @@ class RelationalTensorCache:
             child = node.children.get(self.tree.first_block(token_ids, pos * bs))
             if child is None:
                 blocks = holding.table[pos:full]
+                parent = node
                 node = self.tree.add_child(node, tuple(token_ids[pos * bs : full * bs]), blocks)
+                self._stored(parent, node, holding.namespace)
                 holding.private.difference_update(blocks)
                 self._uncomputed.update(blocks)
                 break
@@ -400,16 +408,15 @@ class RelationalTensorCache:
             if issued is None:
                 continue
             done.add(transfer_id)
-            latency = now - issued[0]
-            self.stats.populate_latencies.append(latency)
-            self.cost_model.observe_populate(issued[1], latency)
+            self.stats.populate_latencies.append(now - issued[0])
         if done:
             for node in self.tree.nodes():
                 if node.pending in done:
                     node.pending = None
 
-    def observe_step(self, num_tokens: int, seconds: float) -> None:
+    def observe_step(self, num_tokens: int, seconds: float, copied_blocks: int, copy_seconds: float) -> None:
         self.cost_model.observe_step(num_tokens, seconds)
+        self.cost_model.observe_copy(copied_blocks, copy_seconds)
 
     def take_transfers(self) -> list[BlockTransfer]:
         """The copies emitted since the last call, in order; ends the scheduling pass."""
@@ -417,6 +424,24 @@ class RelationalTensorCache:
         self._run_targets = set()
         self._uncomputed = set()
         return transfers
+
+    def take_events(self) -> list[KVEvent]:
+        """Residency changes since the last call (empty unless `kv_events`); `te_id` is left for the TE."""
+        if not self._events:
+            return []
+        events, self._events = self._events, []
+        return events
+
+    def _stored(self, parent: Node, node: Node, namespace: str) -> None:
+        if self._events is None:
+            return
+        parent_hash = parent.hashes[-1] if parent.hashes else None
+        node.hashes = hash_blocks(namespace, node.key, self.block_size, parent_hash)
+        self._events.append(BlockStored("", namespace, parent_hash, list(node.hashes), list(node.key)))
+
+    def _removed(self, node: Node) -> None:
+        if self._events is not None and node.hashes:
+            self._events.append(BlockRemoved("", list(node.hashes)))
 
     def _emit(self, kind: str, src: list[int], dst: list[int], transfer_id: int = 0) -> None:
         # Runs of one kind merge into one batched copy, unless a block would be written twice or read after
@@ -511,6 +536,7 @@ class RelationalTensorCache:
         self.host.free(host)
         self.stats.host_evicted_blocks += len(host)
         if node.device is None:
+            self._removed(node)
             self.tree.remove_leaf(node)
 
     def _drop_subtree(self, node: Node) -> None:
@@ -525,6 +551,7 @@ class RelationalTensorCache:
             self.host.free(node.host)
             self.stats.host_evicted_blocks += len(node.host)
             node.host = None
+        self._removed(node)
         self.tree.remove_leaf(node)
 
     def reset(self) -> int:
@@ -544,7 +571,8 @@ class RelationalTensorCache:
         """Claim room under the pinned-token cap before the context's prefill runs."""
         if context_id in self._contexts or context_id in self._reserved:
             raise ValueError(f"context id {context_id!r} is already in use")
-        tokens = num_tokens // self.block_size * self.block_size
+        # At least one block each, so that the cap also bounds how many contexts exist.
+        tokens = max(num_tokens // self.block_size, 1) * self.block_size
         pinned = self.pinned_context_tokens() + sum(self._reserved.values())
         if pinned + tokens > self.max_context_tokens:
             raise ContextLimitError(
@@ -594,7 +622,8 @@ class RelationalTensorCache:
         return expired
 
     def pinned_context_tokens(self) -> int:
-        return sum(ctx.num_tokens for ctx in self._contexts.values())
+        """Tokens counted against the cap (contexts sharing a prefix each count it)."""
+        return sum(max(ctx.num_tokens, self.block_size) for ctx in self._contexts.values())
 
     def contexts(self) -> list[str]:
         return list(self._contexts)

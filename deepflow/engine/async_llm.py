@@ -181,6 +181,9 @@ class AsyncLLM:
                 f"the context has {len(prompt_token_ids)} tokens; the model's context is "
                 f"{self.max_model_len} tokens and requests need room after it"
             )
+        now = time.time()
+        for stale in [cid for cid, expires_at in self._contexts.items() if expires_at <= now]:
+            del self._contexts[stale]  # the engine unpinned it when it expired
         context_id = context_id or f"ctx-{uuid.uuid4().hex}"
         if context_id in self._contexts:
             raise ValueError(f"context id {context_id!r} is already in use")

@@ -74,6 +74,28 @@ class EngineMetrics:
         self._prefix_hits = Counter(
             "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", labels, registry=r
         )
+        self._prefix_hits_host = Counter(
+            "deepflow:prefix_cache_hits_host",
+            "Of the prefix-cache hits, prompt tokens populated back from the host tier",
+            labels,
+            registry=r,
+        )
+        self._kv_evicted = Counter(
+            "deepflow:kv_blocks_evicted", "KV blocks evicted from the device pool", labels, registry=r
+        )
+        self._host_evicted = Counter(
+            "deepflow:host_kv_blocks_evicted", "KV blocks dropped from the host tier", labels, registry=r
+        )
+        self._populate = Histogram(
+            "deepflow:kv_populate_latency_seconds",
+            "From issuing a host-tier populate to the step that reports it done",
+            labels,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self._pinned = Gauge(
+            "deepflow:pinned_context_tokens", "Tokens pinned by explicit contexts", labels, registry=r
+        )
         self._ttft = Histogram(
             "vllm:time_to_first_token_seconds",
             "Time to first token",
@@ -116,6 +138,11 @@ class EngineMetrics:
             self._preemptions,
             self._prefix_queries,
             self._prefix_hits,
+            self._prefix_hits_host,
+            self._kv_evicted,
+            self._host_evicted,
+            self._populate,
+            self._pinned,
             self._ttft,
             self._itl,
             self._e2e,
@@ -145,6 +172,18 @@ class EngineMetrics:
         self._prefix_hits.labels(m).inc(
             max(stats.prefix_cache_hits_total - self._last.prefix_cache_hits_total, 0)
         )
+        self._prefix_hits_host.labels(m).inc(
+            max(stats.prefix_cache_host_hits_total - self._last.prefix_cache_host_hits_total, 0)
+        )
+        self._kv_evicted.labels(m).inc(
+            max(stats.kv_blocks_evicted_total - self._last.kv_blocks_evicted_total, 0)
+        )
+        self._host_evicted.labels(m).inc(
+            max(stats.host_blocks_evicted_total - self._last.host_blocks_evicted_total, 0)
+        )
+        for latency in stats.populate_latencies:
+            self._populate.labels(m).observe(latency)
+        self._pinned.labels(m).set(stats.pinned_context_tokens)
         self._last = stats
 
     def record_first_token(self, ttft: float, prompt_tokens: int) -> None:

@@ -121,10 +121,12 @@ class ModelRunner:
         started = time.perf_counter()
         for transfer in out.kv_transfers:
             self._transfer(transfer)
-        done = [t.transfer_id for t in out.kv_transfers if t.transfer_id]
+        copied = time.perf_counter()
         output = self._execute(out)
-        output.finished_transfer_ids = done
+        output.finished_transfer_ids = [t.transfer_id for t in out.kv_transfers if t.transfer_id]
         output.num_tokens = out.total_num_scheduled_tokens
+        output.copied_blocks = sum(len(t.src) for t in out.kv_transfers)
+        output.copy_seconds = copied - started
         output.step_seconds = time.perf_counter() - started
         return output
 

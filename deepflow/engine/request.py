@@ -162,6 +162,8 @@ class ModelRunnerOutput(msgspec.Struct, kw_only=True):
     finished_transfer_ids: list[int] = msgspec.field(default_factory=list)  # populates now complete
     num_tokens: int = 0  # tokens computed in the step
     step_seconds: float = 0.0  # wall time of the step, copies included
+    copied_blocks: int = 0  # KV blocks copied (tiers, copy-on-write) before computing
+    copy_seconds: float = 0.0
 
 
 class EngineCoreOutput(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -172,7 +172,12 @@ class Scheduler:
     def update_from_output(self, runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """Record sampled tokens, finish requests that stop, return what each request produced."""
         self.cache.transfers_done(runner_output.finished_transfer_ids)
-        self.cache.observe_step(runner_output.num_tokens, runner_output.step_seconds)
+        self.cache.observe_step(
+            runner_output.num_tokens,
+            runner_output.step_seconds,
+            runner_output.copied_blocks,
+            runner_output.copy_seconds,
+        )
         outputs = []
         for request_id, token_id, logprobs in zip(
             runner_output.request_ids, runner_output.sampled_token_ids, runner_output.logprobs, strict=False

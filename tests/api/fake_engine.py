@@ -107,7 +107,8 @@ class FakeEngine:
             raise EngineDeadError("engine process exited with code -9")
         if self.mode == "limit":
             raise ContextLimitError(
-                f"pinning {len(prompt_token_ids)} tokens would exceed the cap of 32 pinned context tokens"
+                f"pinning {len(prompt_token_ids)} tokens would exceed the cap of 32 pinned context tokens; "
+                "the cap is --max-context-tokens"
             )
         if self.mode == "bad":
             raise ValueError("the engine refuses this context")

@@ -41,8 +41,17 @@ QUESTION = [{"role": "user", "content": "When does the bakery open on Sundays?"}
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir: Path) -> Iterator[ServerProcess]:
-    """Its own server: a pinned-token cap small enough to hit, big enough for SYSTEM (325 tokens)."""
-    srv = start_server([*smollm2_args(smollm2_dir), "--max-context-tokens", str(MAX_CONTEXT_TOKENS)])
+    """Its own server: a pinned-token cap small enough to hit, big enough for SYSTEM (325 tokens). Pins never
+    take the room of one max-length request, so the context is shorter than the KV pool (1,456 tokens)."""
+    srv = start_server(
+        [
+            *smollm2_args(smollm2_dir),
+            "--max-context-tokens",
+            str(MAX_CONTEXT_TOKENS),
+            "--max-model-len",
+            "768",
+        ]
+    )
     yield srv
     stop_cleanly(srv)
 

@@ -1,0 +1,147 @@
+"""Greedy fp32 output with the Relational Tensor Cache equals HF transformers token for token: hits on whole
+blocks, hits ending mid-block (copy-on-write), fully cached prompts (last token recomputed), host-tier hits
+after eviction (populate), explicit contexts, and preemption of requests holding cached blocks."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from deepflow import LLM, SamplingParams
+from deepflow.cache.cost_model import PopulateCostModel
+from deepflow.engine.contexts import CreateContext
+from deepflow.engine.request import EngineCoreRequest
+from tests.engine.test_hf_equivalence import hf_greedy
+
+MAX_NEW = 8
+BLOCK = 4
+
+
+class AlwaysPopulate(PopulateCostModel):
+    """Forces the host-tier path whatever the timings (the decision itself is tested in tests/cache)."""
+
+    def should_populate(self, num_tokens: int, num_blocks: int) -> bool:
+        return True
+
+
+def shared_prefix_waves(vocab: int, seed: int, families: int = 6) -> list[list[list[int]]]:
+    """One wave per prefix family, then the first families again (by then evicted from a small pool).
+
+    Prefix lengths are not multiples of the block size, repeats of whole earlier prompts are fully cached,
+    and cuts at odd lengths make hits end mid-block."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(3, vocab) for _ in range(30 + 3 * f)] for f in range(families)]
+
+    def tail(n: int) -> list[int]:
+        return [rng.randrange(3, vocab) for _ in range(n)]
+
+    waves = [[p + tail(5), p[:-7] + tail(9), p[:13] + tail(2)] for p in prefixes]
+    waves.append([waves[0][0], prefixes[0][:22] + tail(6), prefixes[1] + tail(3), waves[1][1][:-2]])
+    return waves
+
+
+def run_waves(folder: Path, waves: list[list[list[int]]], always_populate: bool = False, **options):
+    llm = LLM(str(folder), dtype="float32", skip_tokenizer_init=True, block_size=BLOCK, **options)
+    if always_populate:
+        llm.core.cache.cost_model = AlwaysPopulate()
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    try:
+        outputs, cached = [], []
+        for wave in waves:
+            for out in llm.generate([{"prompt_token_ids": p} for p in wave], params):
+                outputs.append(out.outputs[0].token_ids)
+                cached.append(out.num_cached_tokens)
+            llm.core.cache.check_consistency()
+        assert not llm.core.cache.owners() and llm.core.cache.usage() == 0.0
+        assert not llm.core.runner.requests
+        return outputs, cached, llm.core.cache.stats, llm.core.scheduler.num_preemptions_total
+    finally:
+        llm.shutdown()
+
+
+SETUPS = {
+    "device": dict(),
+    "device-sync": dict(async_scheduling=False),
+    "host": dict(num_kv_blocks=48, num_host_blocks=256, always_populate=True),
+    "host-sync": dict(num_kv_blocks=48, num_host_blocks=256, always_populate=True, async_scheduling=False),
+    "preempt": dict(num_kv_blocks=24, max_num_batched_tokens=4096),
+    "chunked": dict(max_num_batched_tokens=8),
+    "off": dict(enable_prefix_caching=False),
+}
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_cached_prefixes_give_hf_output(tiny_model_dir: Path, setup: str) -> None:
+    waves = shared_prefix_waves(512, seed=3)
+    if setup == "preempt":  # everything at once: requests preempt each other while sharing blocks
+        waves = [[p for wave in waves for p in wave]]
+    prompts = [p for wave in waves for p in wave]
+    expected = hf_greedy(tiny_model_dir, prompts, MAX_NEW)
+    got, cached, stats, preemptions = run_waves(tiny_model_dir, waves, **SETUPS[setup])
+    assert got == expected
+    if setup == "off":
+        assert stats.device_hit_tokens == stats.host_hit_tokens == 0 and not any(cached)
+        return
+    assert stats.device_hit_tokens > 0 and any(cached)
+    assert all(c < len(p) for c, p in zip(cached, prompts, strict=True)), "a prompt's last token was cached"
+    if setup.startswith("device"):
+        assert stats.partial_hits > 0, "no hit ended mid-block"
+        assert cached[len(prompts) - 4] == len(prompts[len(prompts) - 4]) - 1  # a repeat: all but the last
+    if setup.startswith("host"):
+        assert stats.host_hit_tokens > 0 and stats.populates > 0, "no host-tier hit"
+    if setup == "preempt":
+        assert preemptions > 0
+
+
+def test_explicit_context_gives_hf_output(tiny_model_dir: Path) -> None:
+    rng = random.Random(5)
+    context = [rng.randrange(3, 512) for _ in range(27)]
+    prompts = [context + [rng.randrange(3, 512) for _ in range(n)] for n in (1, 6, 11)]
+    expected = hf_greedy(tiny_model_dir, prompts, MAX_NEW)
+    # Implicit caching off: only the pinned context can be reused.
+    llm = LLM(
+        str(tiny_model_dir),
+        dtype="float32",
+        skip_tokenizer_init=True,
+        block_size=BLOCK,
+        enable_prefix_caching=False,
+    )
+    core = llm.core
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    try:
+        core.add_request(
+            EngineCoreRequest(
+                request_id="make-context",
+                prompt_token_ids=context,
+                sampling_params=SamplingParams(temperature=0.0, max_tokens=1),
+                create_context=CreateContext(context_id="ctx", ttl_seconds=3600),
+            )
+        )
+        pinned = None
+        while core.has_work():
+            for out in core.step():
+                if out.request_id == "make-context" and out.finish_reason is not None:
+                    pinned = out.context_pinned_tokens
+        assert pinned == 24  # six whole blocks of the 27 tokens
+        for i, prompt in enumerate(prompts):
+            core.add_request(
+                EngineCoreRequest(
+                    request_id=f"r{i}", prompt_token_ids=prompt, sampling_params=params, context_id="ctx"
+                )
+            )
+        got: dict[str, list[int]] = {}
+        cached: dict[str, int] = {}
+        while core.has_work():
+            for out in core.step():
+                got.setdefault(out.request_id, []).extend(out.new_token_ids)
+                cached[out.request_id] = out.num_cached_tokens
+        assert [got[f"r{i}"] for i in range(3)] == expected
+        assert [cached[f"r{i}"] for i in range(3)] == [24, 24, 24]
+        assert core.cache.usage() == pytest.approx(6 / core.cache.num_blocks)  # still pinned
+        assert core.release_context("ctx")
+        assert core.cache.usage() == 0.0
+        core.cache.check_consistency()
+    finally:
+        llm.shutdown()
