@@ -1,0 +1,131 @@
+"""The serverless abstraction (paper §3): an HTTP request becomes one or more jobs, each split into tasks.
+
+A chat or completion request on a colocated TE is one job with one task; prefill/decode disaggregation makes
+that two tasks; batch inference many. These objects are the job executor's record of a request's life: states
+with the time each was entered, and the TE every task ran on (a retried task keeps its earlier attempts).
+Pure data and transition rules: no I/O, so the simulator drives the same objects.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from collections.abc import Callable
+
+import msgspec
+
+
+class State(enum.StrEnum):
+    CREATED = "created"
+    QUEUED = "queued"  # waiting for a TE
+    SCHEDULED = "scheduled"  # a TE was chosen; the task is on its way
+    RUNNING = "running"  # the TE accepted it (first output seen)
+    FINISHED = "finished"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+
+TERMINAL = frozenset({State.FINISHED, State.FAILED, State.ABORTED})
+
+# Allowed transitions; a task goes back to QUEUED when its TE dies before it streamed anything (retry).
+_NEXT: dict[State, frozenset[State]] = {
+    State.CREATED: frozenset({State.QUEUED, State.ABORTED, State.FAILED}),
+    State.QUEUED: frozenset({State.SCHEDULED, State.ABORTED, State.FAILED}),
+    State.SCHEDULED: frozenset({State.RUNNING, State.QUEUED, State.FINISHED, State.ABORTED, State.FAILED}),
+    State.RUNNING: frozenset({State.QUEUED, State.FINISHED, State.ABORTED, State.FAILED}),
+}
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+class Attempt(msgspec.Struct, kw_only=True):
+    te_id: str
+    scheduled_at: float
+    ended_at: float | None = None
+    outcome: str | None = None  # "finished", "te_died", "aborted", ...
+
+
+class Task(msgspec.Struct, kw_only=True):
+    task_id: str
+    kind: str = "colocated"  # later: "prefill", "decode", "batch-item"
+    state: State = State.CREATED
+    history: list[tuple[State, float]] = msgspec.field(default_factory=list)
+    attempts: list[Attempt] = msgspec.field(default_factory=list)
+    error: str | None = None
+    streamed: bool = False  # tokens reached the client: a retry would duplicate them
+
+    @property
+    def te_id(self) -> str | None:
+        return self.attempts[-1].te_id if self.attempts else None
+
+
+class Job(msgspec.Struct, kw_only=True):
+    job_id: str
+    request_id: str
+    model: str
+    tasks: list[Task]
+    state: State = State.CREATED
+    history: list[tuple[State, float]] = msgspec.field(default_factory=list)
+
+
+class JobTracker:
+    """Creates jobs and moves tasks through their states; the job's state follows its tasks."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._ids = itertools.count(1)
+        self.jobs: dict[str, Job] = {}
+
+    def create(self, request_id: str, model: str, num_tasks: int = 1, kind: str = "colocated") -> Job:
+        now = self._clock()
+        job_id = f"job-{next(self._ids)}"
+        tasks = [
+            Task(task_id=f"{job_id}.{i}", kind=kind, history=[(State.CREATED, now)]) for i in range(num_tasks)
+        ]
+        job = Job(
+            job_id=job_id, request_id=request_id, model=model, tasks=tasks, history=[(State.CREATED, now)]
+        )
+        self.jobs[job_id] = job
+        return job
+
+    def move(
+        self, job: Job, task: Task, state: State, *, te_id: str | None = None, error: str | None = None
+    ) -> None:
+        if state not in _NEXT.get(task.state, frozenset()):
+            raise InvalidTransition(f"task {task.task_id}: {task.state} -> {state}")
+        if state == State.QUEUED and task.streamed:
+            raise InvalidTransition(f"task {task.task_id} already streamed tokens: it cannot be retried")
+        if state == State.SCHEDULED and te_id is None:
+            raise ValueError("a scheduled task names its TE")
+        now = self._clock()
+        if task.attempts and task.attempts[-1].ended_at is None and state in (State.QUEUED, *TERMINAL):
+            attempt = task.attempts[-1]
+            attempt.ended_at = now
+            attempt.outcome = "te_died" if state == State.QUEUED else state.value
+        if state == State.SCHEDULED:
+            assert te_id is not None
+            task.attempts.append(Attempt(te_id=te_id, scheduled_at=now))
+        task.state = state
+        task.history.append((state, now))
+        task.error = error if error is not None else task.error
+        self._follow(job, now)
+
+    def _follow(self, job: Job, now: float) -> None:
+        states = {t.state for t in job.tasks}
+        if states <= TERMINAL:
+            new = next((s for s in (State.FAILED, State.ABORTED) if s in states), State.FINISHED)
+        elif State.RUNNING in states:
+            new = State.RUNNING
+        elif State.SCHEDULED in states:
+            new = State.SCHEDULED
+        else:
+            new = State.QUEUED
+        if new != job.state:
+            job.state = new
+            job.history.append((new, now))
+
+    def forget(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
