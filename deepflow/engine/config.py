@@ -27,6 +27,7 @@ class EngineConfig:
     host_cache_memory: int = 1 << 30  # bytes for the host tier of evicted KV blocks; 0: evictions drop
     num_host_blocks: int | None = None  # overrides host_cache_memory (tests)
     max_context_tokens: int | None = None  # cap on pinned context tokens; None: half the KV pool
+    kv_events: bool = False  # publish cache-residency events with each step's outputs (for job executors)
 
     def torch_dtype(self) -> torch.dtype:
         try:

@@ -63,6 +63,7 @@ class EngineCore:
             self.runner.num_host_blocks,
             enable_prefix_caching=config.enable_prefix_caching,
             max_context_tokens=max_context_tokens,
+            kv_events=config.kv_events,
         )
         self.scheduler = Scheduler(
             SchedulerConfig(

@@ -111,8 +111,9 @@ def run_core_loop(
                 core.reset_prefix_cache()
         if core.has_work():
             outputs.extend(core.step())
-        if outputs or handled:
-            emit(EngineCoreOutputs(outputs=outputs, stats=core.scheduler.stats()))
+        events = core.cache.take_events()
+        if outputs or handled or events:
+            emit(EngineCoreOutputs(outputs=outputs, stats=core.scheduler.stats(), kv_events=events))
 
 
 class EngineCoreClient(Protocol):

@@ -11,6 +11,7 @@ import time
 
 import msgspec
 
+from deepflow.cache.events import KVEvent
 from deepflow.cache.rtc import BlockTransfer
 from deepflow.engine.contexts import CreateContext
 from deepflow.engine.sampling_params import SamplingParams
@@ -181,6 +182,9 @@ class EngineCoreOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
 class SchedulerStats(msgspec.Struct, kw_only=True):
     num_running: int
     num_waiting: int
+    # Work still owed: prompt tokens not yet prefilled plus output tokens not yet generated (at most
+    # max_tokens each); what a job executor's load-aware policy compares across TEs.
+    outstanding_tokens: int = 0
     kv_cache_usage: float
     num_preemptions_total: int
     prefix_cache_queries_total: int  # prompt tokens looked up
@@ -197,3 +201,4 @@ class EngineCoreOutputs(msgspec.Struct, kw_only=True, tag="outputs"):
 
     outputs: list[EngineCoreOutput]
     stats: SchedulerStats | None = None
+    kv_events: list[KVEvent] = msgspec.field(default_factory=list)  # cache-residency changes, when enabled

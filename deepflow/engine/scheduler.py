@@ -99,9 +99,14 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         cache = self.cache.stats
         latencies, cache.populate_latencies = cache.populate_latencies, []
+        outstanding = sum(
+            max(r.num_tokens - r.num_computed_tokens, 0) + max(r.max_tokens - r.num_output_tokens, 0)
+            for r in self.requests.values()
+        )
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
+            outstanding_tokens=outstanding,
             kv_cache_usage=self.cache.usage(),
             num_preemptions_total=self.num_preemptions_total,
             prefix_cache_queries_total=cache.queries_tokens,

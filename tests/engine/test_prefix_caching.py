@@ -145,3 +145,44 @@ def test_explicit_context_gives_hf_output(tiny_model_dir: Path) -> None:
         core.cache.check_consistency()
     finally:
         llm.shutdown()
+
+
+def test_outputs_carry_residency_events_and_outstanding_tokens(tiny_model_dir: Path) -> None:
+    """What a TE reports to job executors: its cache contents as events (mirrored by a JE's prompt tree)
+    and the work it still owes."""
+    import msgspec
+
+    from deepflow.engine.core_client import AddRequest, Shutdown, run_core_loop
+    from deepflow.platform.je.policies import GlobalPromptTree
+
+    llm = LLM(
+        str(tiny_model_dir), dtype="float32", skip_tokenizer_init=True, block_size=BLOCK, kv_events=True
+    )
+    prompt = list(range(10, 23))  # 13 tokens: 3 whole blocks
+    commands = [
+        AddRequest(
+            EngineCoreRequest(
+                request_id="r",
+                prompt_token_ids=prompt,
+                sampling_params=SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+            )
+        )
+    ]
+    emitted = []
+
+    def next_command(block: bool):
+        if commands:
+            return commands.pop(0)
+        return Shutdown() if not llm.core.has_work() else None
+
+    try:
+        run_core_loop(llm.core, next_command, emitted.append)
+    finally:
+        llm.shutdown()
+    tree = GlobalPromptTree(BLOCK, verify_hashes=True)
+    for batch in emitted:
+        for event in batch.kv_events:
+            tree.apply(msgspec.structs.replace(event, te_id="te-0"))
+    assert tree.match("", prompt) == {"te-0": 12}
+    assert emitted[0].stats.outstanding_tokens > 0
+    assert emitted[-1].stats.outstanding_tokens == 0
