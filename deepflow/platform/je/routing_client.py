@@ -1,0 +1,204 @@
+"""A job executor's view of one TE group as a single engine: route each request to a TE by policy.
+
+`RoutingCoreClient` speaks the `EngineCoreClient` protocol, so `AsyncLLM` and the HTTP edge run over a group
+of TEs unchanged. Each TE is an engine behind its own client (today an engine process over ZeroMQ). Per
+request the policy (`deepflow.platform.je.policies`) gets a snapshot of the group: every TE's last reported
+load, raised by what this JE has routed since (a burst would otherwise all go to the same "least loaded"
+TE), and the group's prompt tree, kept in step by the TEs' cache-residency events.
+
+Requests stay with their TE: aborts go there, a context lives on the TE that computed it, and requests naming
+it follow. Outputs of all TEs are merged into one stream; their scheduler stats are summed, so the engine
+metrics describe the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from deepflow.engine.core_client import (
+    Command,
+    EngineCoreClient,
+    EngineDeadError,
+    ReleaseContext,
+    ResetPrefixCache,
+)
+from deepflow.engine.request import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
+from deepflow.platform.je.policies import (
+    Decision,
+    GlobalPromptTree,
+    GroupSnapshot,
+    Policy,
+    Reason,
+    RoutingRequest,
+    TELoad,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _TE:
+    te_id: str
+    client: EngineCoreClient
+    stats: SchedulerStats | None = None
+    routed_tokens: int = 0  # routed here since its last stats: not in its report yet
+    requests: set[str] = field(default_factory=set)
+
+    def load(self) -> TELoad:
+        s = self.stats
+        return TELoad(
+            te_id=self.te_id,
+            num_running=s.num_running if s else 0,
+            num_waiting=(s.num_waiting if s else 0) + (1 if self.routed_tokens else 0),
+            outstanding_tokens=(s.outstanding_tokens if s else 0) + self.routed_tokens,
+            kv_usage=s.kv_cache_usage if s else 0.0,
+            healthy=self.client.is_alive(),
+        )
+
+
+class RoutingCoreClient:
+    def __init__(self, clients: dict[str, EngineCoreClient], policy: Policy, block_size: int) -> None:
+        if not clients:
+            raise ValueError("a TE group needs at least one TE")
+        self.tes = {te_id: _TE(te_id, client) for te_id, client in clients.items()}
+        first = next(iter(clients.values()))
+        self.max_model_len = min(c.max_model_len for c in clients.values())
+        self.eos_token_ids = first.eos_token_ids
+        self.model_path: Path = first.model_path
+        self.policy = policy
+        self.tree = GlobalPromptTree(block_size)
+        self._owner: dict[str, _TE] = {}  # live request id -> its TE
+        self._context_owner: dict[str, _TE] = {}
+        self.decisions: deque[tuple[str, Decision]] = deque(maxlen=4096)  # (request id, decision)
+        self._merged: asyncio.Queue[EngineCoreOutputs | BaseException] | None = None
+        self._pumps: list[asyncio.Task[None]] = []
+
+    # ---- routing ---------------------------------------------------------------------------------------
+    def route(self, request: EngineCoreRequest) -> str:
+        """The TE a request goes to (it is not sent)."""
+        if request.context_id is not None and request.context_id in self._context_owner:
+            te_id = self._context_owner[request.context_id].te_id
+            self.decisions.append((request.request_id, Decision(te_id=te_id, reason=Reason.PREFIX_MATCH)))
+            return te_id
+        snapshot = GroupSnapshot(tes=[te.load() for te in self.tes.values()], tree=self.tree)
+        decision = self.policy.select(
+            RoutingRequest(
+                request_id=request.request_id,
+                prompt_token_ids=request.prompt_token_ids,
+                cache_salt=request.cache_salt,
+                expected_output_tokens=request.sampling_params.max_tokens,
+            ),
+            snapshot,
+        )
+        self.decisions.append((request.request_id, decision))
+        return decision.te_id
+
+    def te_of(self, request_id: str) -> str | None:
+        te = self._owner.get(request_id)
+        return te.te_id if te is not None else None
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        te = self.tes[self.route(request)]
+        te.client.add_request(request)
+        self._owner[request.request_id] = te
+        te.requests.add(request.request_id)
+        te.routed_tokens += len(request.prompt_token_ids) + (request.sampling_params.max_tokens or 0)
+        if request.create_context is not None:
+            self._context_owner[request.create_context.context_id] = te
+
+    def abort(self, request_ids: list[str]) -> None:
+        by_te: dict[str, list[str]] = {}
+        for request_id in request_ids:
+            te = self._owner.get(request_id)
+            if te is not None:
+                by_te.setdefault(te.te_id, []).append(request_id)
+        for te_id, ids in by_te.items():
+            self.tes[te_id].client.abort(ids)
+
+    def send(self, command: Command) -> None:
+        if isinstance(command, ReleaseContext):
+            te = self._context_owner.pop(command.context_id, None)
+            if te is not None:
+                te.client.send(command)
+        elif isinstance(command, ResetPrefixCache):
+            for te in self.tes.values():
+                te.client.send(command)
+        else:
+            raise TypeError(f"{type(command).__name__} is not a group-level command")
+
+    # ---- outputs -------------------------------------------------------------------------------------
+    async def get_outputs(self) -> EngineCoreOutputs:
+        if self._merged is None:
+            self._merged = asyncio.Queue()
+            self._pumps = [asyncio.create_task(self._pump(te)) for te in self.tes.values()]
+        item = await self._merged.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def _pump(self, te: _TE) -> None:
+        assert self._merged is not None
+        try:
+            while True:
+                batch = await te.client.get_outputs()
+                self._merged.put_nowait(self._absorb(te, batch))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a dead TE fails the group for now; retries come with the CM
+            logger.error("TE %s failed: %s", te.te_id, exc)
+            self._merged.put_nowait(EngineDeadError(f"TE {te.te_id} failed: {exc}"))
+
+    def _absorb(self, te: _TE, batch: EngineCoreOutputs) -> EngineCoreOutputs:
+        if batch.stats is not None:
+            te.stats = batch.stats
+            te.routed_tokens = 0
+        for event in batch.kv_events:
+            self.tree.apply(msgspec.structs.replace(event, te_id=te.te_id))
+        for out in batch.outputs:
+            if out.finish_reason is not None:
+                self._owner.pop(out.request_id, None)
+                te.requests.discard(out.request_id)
+        fresh = batch.stats.populate_latencies if batch.stats is not None else []
+        return EngineCoreOutputs(outputs=batch.outputs, stats=self._group_stats(fresh))
+
+    def _group_stats(self, populate_latencies: list[float]) -> SchedulerStats | None:
+        reports = [te.stats for te in self.tes.values() if te.stats is not None]
+        if not reports:
+            return None
+        total = {name: sum(getattr(s, name) for s in reports) for name in _SUMMED}
+        return SchedulerStats(
+            **total,
+            kv_cache_usage=sum(s.kv_cache_usage for s in reports) / len(reports),
+            populate_latencies=populate_latencies,  # only the batch's own: others' were counted already
+        )
+
+    def is_alive(self) -> bool:
+        return all(te.client.is_alive() for te in self.tes.values())
+
+    def shutdown(self) -> None:
+        for task in self._pumps:
+            task.cancel()
+        for te in self.tes.values():
+            with contextlib.suppress(Exception):
+                te.client.shutdown()
+
+
+_SUMMED = (
+    "num_running",
+    "num_waiting",
+    "outstanding_tokens",
+    "num_preemptions_total",
+    "prefix_cache_queries_total",
+    "prefix_cache_hits_total",
+    "prefix_cache_host_hits_total",
+    "kv_blocks_evicted_total",
+    "host_blocks_evicted_total",
+    "pinned_context_tokens",
+)
