@@ -101,6 +101,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--no-async-scheduling", action="store_true", help="plan each step after the last one")
     p.add_argument(
+        "--tes", type=_positive_int, default=1, help="task executors (engine processes) serving the model"
+    )
+    p.add_argument(
+        "--policy",
+        default="combined",
+        choices=["round_robin", "least_load", "locality", "combined"],
+        help="how requests are routed among the TEs (with --tes > 1)",
+    )
+    p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"]
     )
     p.add_argument("--shutdown-timeout", type=int, default=10, help="seconds in-flight requests get on stop")
@@ -138,6 +147,30 @@ async def _serve(server: Any, engine: Any, host: str, name: str) -> int:
     return 0
 
 
+def _te_group(config: Any, num_tes: int, policy: str) -> Any:
+    """None (AsyncLLM starts its one engine process) or a routed group of `num_tes` engine processes.
+
+    Until the cluster manager lands, the job executor's client starts the TEs itself."""
+    if num_tes == 1:
+        return None
+    from deepflow.engine.core_client import MPEngineCoreClient
+    from deepflow.platform.je.policies import make_policy
+    from deepflow.platform.je.routing_client import RoutingCoreClient
+
+    config.kv_events = True
+    config.num_threads = config.num_threads or max(1, (os.cpu_count() or 1) // num_tes)
+    clients: dict[str, Any] = {}
+    try:
+        for i in range(num_tes):
+            clients[f"te-{i}"] = MPEngineCoreClient(config)
+    except BaseException:
+        for client in clients.values():
+            client.shutdown()
+        raise
+    logger.info("%d TEs ready; routing policy %s", num_tes, policy)
+    return RoutingCoreClient(clients, make_policy(policy), block_size=config.block_size)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -166,7 +199,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or config.model_path().name
     logger.info("starting DeepFlow for model %s on %s", name, _url(args.host, args.port))
     try:
-        engine = AsyncLLM(config, model_name=name)
+        engine = AsyncLLM(config, _te_group(config, args.tes, args.policy), model_name=name)
     except EngineDeadError as exc:
         print(f"deepflow: error: {exc}", file=sys.stderr)
         return 1
