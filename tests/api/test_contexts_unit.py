@@ -368,7 +368,7 @@ def test_cache_flags_reach_the_engine_config(monkeypatch: pytest.MonkeyPatch) ->
     """cmd_serve builds the real EngineConfig; a stand-in AsyncLLM captures it and stops the command."""
     seen: list[Any] = []
 
-    def fake_async_llm(config: Any, model_name: str) -> None:
+    def fake_async_llm(config: Any, client: Any = None, *, model_name: str) -> None:
         seen.append(config)
         raise EngineDeadError("stop here")
 

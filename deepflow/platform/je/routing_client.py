@@ -8,7 +8,9 @@ TE), and the group's prompt tree, kept in step by the TEs' cache-residency event
 
 Requests stay with their TE: aborts go there, a context lives on the TE that computed it, and requests naming
 it follow. Outputs of all TEs are merged into one stream; their scheduler stats are summed, so the engine
-metrics describe the group.
+metrics describe the group. When a TE dies, its requests that have not produced a token are sent again to
+another TE of the group; those that have end with an abort naming the failure (their tokens reached the
+client, so a retry would repeat them). The group fails only when no TE is left.
 """
 
 from __future__ import annotations
@@ -29,11 +31,18 @@ from deepflow.engine.core_client import (
     ReleaseContext,
     ResetPrefixCache,
 )
-from deepflow.engine.request import EngineCoreOutputs, EngineCoreRequest, SchedulerStats
+from deepflow.engine.request import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    FinishReason,
+    SchedulerStats,
+)
 from deepflow.platform.je.policies import (
     Decision,
     GlobalPromptTree,
     GroupSnapshot,
+    NoHealthyTE,
     Policy,
     Reason,
     RoutingRequest,
@@ -50,6 +59,7 @@ class _TE:
     stats: SchedulerStats | None = None
     routed_tokens: int = 0  # routed here since its last stats: not in its report yet
     requests: set[str] = field(default_factory=set)
+    dead: bool = False
 
     def load(self) -> TELoad:
         s = self.stats
@@ -59,7 +69,7 @@ class _TE:
             num_waiting=(s.num_waiting if s else 0) + (1 if self.routed_tokens else 0),
             outstanding_tokens=(s.outstanding_tokens if s else 0) + self.routed_tokens,
             kv_usage=s.kv_cache_usage if s else 0.0,
-            healthy=self.client.is_alive(),
+            healthy=not self.dead and self.client.is_alive(),
         )
 
 
@@ -75,6 +85,8 @@ class RoutingCoreClient:
         self.policy = policy
         self.tree = GlobalPromptTree(block_size)
         self._owner: dict[str, _TE] = {}  # live request id -> its TE
+        self._requests: dict[str, EngineCoreRequest] = {}  # live requests, kept for a retry elsewhere
+        self._streamed: set[str] = set()  # live requests that produced a token
         self._context_owner: dict[str, _TE] = {}
         self.decisions: deque[tuple[str, Decision]] = deque(maxlen=4096)  # (request id, decision)
         self._merged: asyncio.Queue[EngineCoreOutputs | BaseException] | None = None
@@ -105,8 +117,12 @@ class RoutingCoreClient:
         return te.te_id if te is not None else None
 
     def add_request(self, request: EngineCoreRequest) -> None:
-        te = self.tes[self.route(request)]
+        try:
+            te = self.tes[self.route(request)]
+        except NoHealthyTE:
+            raise EngineDeadError("no task executor of the group is alive") from None
         te.client.add_request(request)
+        self._requests[request.request_id] = request
         self._owner[request.request_id] = te
         te.requests.add(request.request_id)
         te.routed_tokens += len(request.prompt_token_ids) + (request.sampling_params.max_tokens or 0)
@@ -151,9 +167,42 @@ class RoutingCoreClient:
                 self._merged.put_nowait(self._absorb(te, batch))
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:  # a dead TE fails the group for now; retries come with the CM
+        except Exception as exc:
             logger.error("TE %s failed: %s", te.te_id, exc)
-            self._merged.put_nowait(EngineDeadError(f"TE {te.te_id} failed: {exc}"))
+            self._merged.put_nowait(self._fail_over(te, str(exc)))
+
+    def _fail_over(self, te: _TE, reason: str) -> EngineCoreOutputs | EngineDeadError:
+        """Retry the dead TE's requests that have not streamed on the others; end the rest with an abort."""
+        te.dead = True
+        te.stats = None
+        self.tree.remove_te(te.te_id)
+        for context_id in [c for c, owner in self._context_owner.items() if owner is te]:
+            del self._context_owner[context_id]
+        ended: list[EngineCoreOutput] = []
+        for request_id in sorted(te.requests):
+            request = self._requests.get(request_id)
+            self._owner.pop(request_id, None)
+            if request is not None and request_id not in self._streamed and request.create_context is None:
+                try:
+                    self.add_request(request)
+                    logger.warning("request %s retried after TE %s failed", request_id, te.te_id)
+                    continue
+                except EngineDeadError:
+                    pass
+            self._requests.pop(request_id, None)
+            self._streamed.discard(request_id)
+            ended.append(
+                EngineCoreOutput(
+                    request_id=request_id,
+                    new_token_ids=[],
+                    finish_reason=FinishReason.ABORT,
+                    stop_reason=f"task executor {te.te_id} failed: {reason}",
+                )
+            )
+        te.requests.clear()
+        if not any(not t.dead for t in self.tes.values()):
+            return EngineDeadError(f"every task executor of the group failed (last: {te.te_id}: {reason})")
+        return EngineCoreOutputs(outputs=ended, stats=self._group_stats([]))
 
     def _absorb(self, te: _TE, batch: EngineCoreOutputs) -> EngineCoreOutputs:
         if batch.stats is not None:
@@ -162,14 +211,18 @@ class RoutingCoreClient:
         for event in batch.kv_events:
             self.tree.apply(msgspec.structs.replace(event, te_id=te.te_id))
         for out in batch.outputs:
+            if out.new_token_ids:
+                self._streamed.add(out.request_id)
             if out.finish_reason is not None:
                 self._owner.pop(out.request_id, None)
+                self._requests.pop(out.request_id, None)
+                self._streamed.discard(out.request_id)
                 te.requests.discard(out.request_id)
         fresh = batch.stats.populate_latencies if batch.stats is not None else []
         return EngineCoreOutputs(outputs=batch.outputs, stats=self._group_stats(fresh))
 
     def _group_stats(self, populate_latencies: list[float]) -> SchedulerStats | None:
-        reports = [te.stats for te in self.tes.values() if te.stats is not None]
+        reports = [te.stats for te in self.tes.values() if te.stats is not None and not te.dead]
         if not reports:
             return None
         total = {name: sum(getattr(s, name) for s in reports) for name in _SUMMED}
@@ -180,7 +233,7 @@ class RoutingCoreClient:
         )
 
     def is_alive(self) -> bool:
-        return all(te.client.is_alive() for te in self.tes.values())
+        return any(not te.dead and te.client.is_alive() for te in self.tes.values())
 
     def shutdown(self) -> None:
         for task in self._pumps:

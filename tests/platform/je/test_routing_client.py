@@ -4,6 +4,8 @@ on the TE that caches it while the group is balanced; under skewed load the comb
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,3 +110,55 @@ def test_least_load_spreads_concurrent_requests(tes) -> None:
     group = run(tes, "least_load", scenario)
     chosen = [d.te_id for _, d in group.decisions]
     assert chosen.count("te-0") == chosen.count("te-1") == 3
+
+
+class FirstHealthy:
+    """Test policy: always the first healthy TE, so the test knows where requests go."""
+
+    name = "first_healthy"
+
+    def select(self, request, group):  # type: ignore[no-untyped-def]
+        from deepflow.platform.je.policies import Decision
+
+        return Decision(te_id=group.healthy()[0].te_id, reason=Reason.LEAST_LOAD)
+
+
+def test_a_dead_te_loses_no_request_that_had_not_streamed(smollm2_dir: Path) -> None:
+    config = EngineConfig(
+        model=str(smollm2_dir), dtype="float32", max_num_seqs=4, kv_cache_memory=64 << 20, host_cache_memory=0
+    )
+    clients = {"te-0": MPEngineCoreClient(config), "te-1": MPEngineCoreClient(config)}
+    group = RoutingCoreClient(dict(clients), FirstHealthy(), block_size=16)
+    engine = AsyncLLM(EngineConfig(), client=group)
+    victim_pid = clients["te-0"].pid
+    assert victim_pid is not None
+
+    async def collect(prompt: list[int], max_tokens: int, started: asyncio.Event | None = None):
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        last = None
+        async for out in engine.generate(prompt, params):
+            last = out
+            if started is not None and out.outputs[0].token_ids:
+                started.set()
+        return last
+
+    async def scenario():
+        streaming = asyncio.Event()
+        streamed = asyncio.create_task(collect([400 + i for i in range(20)], 400, streaming))
+        await asyncio.wait_for(streaming.wait(), 60)
+        fresh = asyncio.create_task(collect([700 + i % 50 for i in range(800)], 6))
+        while not any(d.te_id == "te-0" for rid, d in list(group.decisions)[1:]):
+            await asyncio.sleep(0.001)
+        os.kill(victim_pid, signal.SIGKILL)  # te-0 dies: mid-stream for one, before any token for the other
+        results = await streamed, await fresh, await collect([900 + i for i in range(10)], 4)
+        assert group.is_alive() and not group.tes["te-0"].load().healthy
+        return results
+
+    try:
+        streamed, fresh, after = asyncio.run(asyncio.wait_for(scenario(), 180))
+    finally:
+        engine.shutdown()
+    assert streamed.outputs[0].finish_reason == "abort" and "te-0" in str(streamed.outputs[0].stop_reason)
+    assert fresh.outputs[0].finish_reason == "length" and len(fresh.outputs[0].token_ids) == 6
+    assert after.outputs[0].finish_reason == "length"
+    assert [d.te_id for _, d in group.decisions] == ["te-0", "te-0", "te-1", "te-1"]  # fresh was retried
