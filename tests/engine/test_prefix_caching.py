@@ -42,10 +42,18 @@ def shared_prefix_waves(vocab: int, seed: int, families: int = 6) -> list[list[l
     return waves
 
 
-def run_waves(folder: Path, waves: list[list[list[int]]], always_populate: bool = False, **options):
+def run_waves(
+    folder: Path,
+    waves: list[list[list[int]]],
+    always_populate: bool = False,
+    cascade: bool = False,
+    **options,
+):
     llm = LLM(str(folder), dtype="float32", skip_tokenizer_init=True, block_size=BLOCK, **options)
     if always_populate:
         llm.core.cache.cost_model = AlwaysPopulate()
+    if cascade:  # decodes sharing any cached block attend to it once for the batch
+        llm.core.runner.cascade_min_saved_blocks = 1
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     try:
         outputs, cached = [], []
@@ -64,6 +72,7 @@ def run_waves(folder: Path, waves: list[list[list[int]]], always_populate: bool 
 SETUPS = {
     "device": dict(),
     "device-sync": dict(async_scheduling=False),
+    "cascade": dict(cascade=True),
     "host": dict(num_kv_blocks=48, num_host_blocks=256, always_populate=True),
     "host-sync": dict(num_kv_blocks=48, num_host_blocks=256, always_populate=True, async_scheduling=False),
     "preempt": dict(num_kv_blocks=24, max_num_batched_tokens=4096),
@@ -73,7 +82,18 @@ SETUPS = {
 
 
 @pytest.mark.parametrize("setup", list(SETUPS))
-def test_cached_prefixes_give_hf_output(tiny_model_dir: Path, setup: str) -> None:
+def test_cached_prefixes_give_hf_output(
+    tiny_model_dir: Path, setup: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import deepflow.engine.model_runner as model_runner
+
+    shared_blocks: list[int] = []
+    common_prefix = model_runner._common_prefix
+    monkeypatch.setattr(
+        model_runner,
+        "_common_prefix",
+        lambda tables: shared_blocks.append(common_prefix(tables)) or shared_blocks[-1],
+    )
     waves = shared_prefix_waves(512, seed=3)
     if setup == "preempt":  # everything at once: requests preempt each other while sharing blocks
         waves = [[p for wave in waves for p in wave]]
@@ -93,6 +113,8 @@ def test_cached_prefixes_give_hf_output(tiny_model_dir: Path, setup: str) -> Non
         assert stats.host_hit_tokens > 0 and stats.populates > 0, "no host-tier hit"
     if setup == "preempt":
         assert preemptions > 0
+    if setup == "cascade":
+        assert max(shared_blocks) > 0, "no decode batch shared a cached prefix"
 
 
 def test_explicit_context_gives_hf_output(tiny_model_dir: Path) -> None:

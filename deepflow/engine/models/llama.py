@@ -98,6 +98,9 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None
     # Where decodes' K and V blocks are gathered, reused by every layer and step (see ModelRunner).
     decode_gather_buffers: tuple[torch.Tensor, torch.Tensor] | None
+    # Leading blocks every decode shares (a cached prefix): attended once for the whole batch (cascade
+    # attention), so the table and mask above cover only what follows them.
+    decode_shared_blocks: torch.Tensor | None
     prefill_ranges: list[tuple[int, int]]
     prefill_blocks: list[torch.Tensor | None]
     prefill_kv_lens: list[int]
@@ -234,8 +237,22 @@ class Attention(nn.Module):
         qg = q.view(d, kvh, group, hd).transpose(0, 1).reshape(kvh * d, group, hd)
         scores = torch.bmm(qg, keys.transpose(1, 2)).float().view(kvh, d, group, lmax)
         scores = scores * self.scale + meta.decode_mask
-        probs = torch.softmax(scores, dim=-1).to(values.dtype).view(kvh * d, group, lmax)
-        out = torch.bmm(probs, values).view(kvh, d, group, hd)
+        shared = meta.decode_shared_blocks
+        if shared is None:
+            probs = torch.softmax(scores, dim=-1).to(values.dtype).view(kvh * d, group, lmax)
+            out = torch.bmm(probs, values).view(kvh, d, group, hd)
+            return out.transpose(0, 1).reshape(d, self.num_heads, hd)
+        # Cascade: the shared prefix's K/V are read once for all d sequences' queries; one softmax spans
+        # both parts, so the result is the same attention over prefix + suffix.
+        shared_keys = k_cache.index_select(1, shared).view(kvh, -1, hd)
+        shared_values = v_cache.index_select(1, shared).view(kvh, -1, hd)
+        ls = shared_keys.shape[1]
+        qs = qg.view(kvh, d * group, hd)
+        shared_scores = torch.bmm(qs, shared_keys.transpose(1, 2)).float().view(kvh, d, group, ls)
+        probs = torch.softmax(torch.cat([shared_scores * self.scale, scores], dim=-1), dim=-1)
+        probs = probs.to(values.dtype)
+        out = torch.bmm(probs[..., :ls].reshape(kvh, d * group, ls), shared_values).view(kvh, d, group, hd)
+        out += torch.bmm(probs[..., ls:].reshape(kvh * d, group, lmax), values).view(kvh, d, group, hd)
         return out.transpose(0, 1).reshape(d, self.num_heads, hd)
 
     def _prefill(
