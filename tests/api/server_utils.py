@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 
 API_KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 READY = re.compile(r"DeepFlow ready: (http://\S+) \(model (\S+)\)")
 
 

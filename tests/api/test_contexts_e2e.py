@@ -13,9 +13,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.api.server_utils import API_KEY, ServerProcess, smollm2_args, start_server, stop_cleanly
+from tests.api.server_utils import ServerProcess, smollm2_args, start_server, stop_cleanly
 
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_CONTEXT_TOKENS = 512
 SYSTEM = {
     "role": "system",
@@ -54,17 +53,6 @@ def server(smollm2_dir: Path) -> Iterator[ServerProcess]:
     )
     yield srv
     stop_cleanly(srv)
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> OpenAI:
-    return OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(server: ServerProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

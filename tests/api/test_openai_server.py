@@ -5,7 +5,6 @@ Generation is kept short (a few tokens each) so the module stays well under a mi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -14,21 +13,9 @@ import pytest
 from openai import OpenAI
 
 import deepflow
-from tests.api.server_utils import API_KEY, ServerProcess, get_metrics, metric_value, wait_for
+from tests.api.server_utils import AUTH, ServerProcess, get_metrics, metric_value, wait_for
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> OpenAI:
-    return OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(server: ServerProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
