@@ -193,8 +193,8 @@ class ModelRunner:
         if decode_lens:
             shared = _common_prefix(decode_tables) if len(decode_tables) > 1 else 0
             # Cascade attention (the shared blocks once, then each sequence's own) when it saves enough
-            # gathering to pay for its extra matmuls (measured: 96 -> 49 ms per step for 8 sequences
-            # sharing 1,024 tokens; a loss of a few ms for 2 shared blocks).
+            # gathering to pay for its extra matmuls (benchmarks/decode_shared_prefix.py: 85 -> 38 ms per
+            # step for 8 sequences sharing 1,024 tokens).
             if shared * (len(decode_tables) - 1) >= self.cascade_min_saved_blocks:
                 meta.decode_shared_blocks = torch.tensor(decode_tables[0][:shared], dtype=torch.long)
                 decode_tables = [t[shared:] for t in decode_tables]
