@@ -30,7 +30,7 @@ from deepflow.engine.request import EngineCoreOutput, EngineCoreOutputs, EngineC
 from deepflow.engine.sampling_params import SamplingParams
 from deepflow.engine.tokenizer import Tokenizer
 
-__all__ = ["AsyncLLM", "EngineDeadError"]
+__all__ = ["AsyncLLM", "EngineDeadError", "RequestStream"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,54 @@ class _Timing:
         self.arrival = time.monotonic()
         self.first_token: float | None = None
         self.last_token: float | None = None
+
+
+class RequestStream:
+    """One submitted request's outputs, as an async iterator; `release` (or `aclose`) ends it early."""
+
+    def __init__(self, llm: AsyncLLM, state: RequestState, timing: _Timing) -> None:
+        self.llm = llm
+        self.state = state
+        self.timing = timing
+        self.request_id = state.request_id
+        self.te_ids: list[str] = []  # the TEs serving it, where the core client routes
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._done = False
+        self._released = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self.queue.get()
+            if isinstance(item, BaseException):
+                raise EngineDeadError("engine core failed") from item
+            # Coalesce what piled up while the consumer was busy.
+            while not item.finished and not self.queue.empty():
+                nxt = self.queue.get_nowait()
+                if isinstance(nxt, BaseException):
+                    raise EngineDeadError("engine core failed") from nxt
+                item = _merge(item, nxt)
+        except BaseException:
+            self.release()
+            raise
+        if item.finished:
+            self._done = True
+            self.release()
+        return item
+
+    def release(self) -> None:
+        """Forget the request here and abort what still runs in the core; idempotent."""
+        if not self._released:
+            self._released = True
+            self._done = True
+            self.llm._release(self)
+
+    async def aclose(self) -> None:
+        self.release()
 
 
 class AsyncLLM:
@@ -75,7 +123,7 @@ class AsyncLLM:
         self._context_waiters: dict[str, asyncio.Future[EngineCoreOutput]] = {}
         self._contexts: dict[str, float] = {}  # context id -> expires at (unix time)
 
-    async def generate(
+    def submit(
         self,
         prompt: str | list[int],
         sampling_params: SamplingParams | None = None,
@@ -84,12 +132,12 @@ class AsyncLLM:
         priority: int = 0,
         cache_salt: str | None = None,
         context_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Yield a RequestOutput each time the request advances; the last has `finished` set.
+    ) -> RequestStream:
+        """Validate and hand the request to the core now (a routed core picks its TE here); stream later.
 
-        `cache_salt` namespaces the prefix cache; `context_id` names a pinned context the prompt starts with.
-        Closing the iterator early (client gone) aborts the request in the engine.
-        """
+        The returned `RequestStream` yields a RequestOutput each time the request advances (the last has
+        `finished` set) and names the TEs serving it (`te_ids`). Closing it early aborts the request; it must
+        be closed (or read to the end) so the request's bookkeeping is released."""
         params = sampling_params or SamplingParams()
         params.validate()
         if self._dead is not None:
@@ -109,12 +157,12 @@ class AsyncLLM:
             )
         self._ensure_output_task()
         state = RequestState(request_id, text, ids, params, self.tokenizer)
-        self._timings[request_id] = timing = _Timing()
-        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._queues[request_id] = outputs
+        timing = _Timing()
+        stream = RequestStream(self, state, timing)
+        self._timings[request_id] = timing
+        self._queues[request_id] = stream.queue
         self._states[request_id] = state
         self._processor.add(state)
-        finished = False
         try:
             for child_id, seq in state.sequences.items():
                 self.client.add_request(
@@ -129,26 +177,52 @@ class AsyncLLM:
                         context_id=context_id,
                     )
                 )
-            while not finished:
-                item = await outputs.get()
-                if isinstance(item, BaseException):
-                    raise EngineDeadError("engine core failed") from item
-                # Coalesce what piled up while the consumer was busy.
-                while not item.finished and not outputs.empty():
-                    nxt = outputs.get_nowait()
-                    if isinstance(nxt, BaseException):
-                        raise EngineDeadError("engine core failed") from nxt
-                    item = _merge(item, nxt)
-                finished = item.finished
-                yield item
+        except BaseException:
+            stream.release()
+            raise
+        te_of = getattr(self.client, "te_of", None)
+        if te_of is not None:
+            stream.te_ids = list(dict.fromkeys(t for c in state.sequences if (t := te_of(c)) is not None))
+        return stream
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        context_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """`submit` and stream: the request reaches the core when iteration starts.
+
+        `cache_salt` namespaces the prefix cache; `context_id` names a pinned context the prompt starts with.
+        Closing the iterator early (client gone) aborts the request in the engine.
+        """
+        stream = self.submit(
+            prompt,
+            sampling_params,
+            request_id,
+            priority=priority,
+            cache_salt=cache_salt,
+            context_id=context_id,
+        )
+        try:
+            async for output in stream:
+                yield output
         finally:
-            self._queues.pop(request_id, None)
-            self._states.pop(request_id, None)
-            self._timings.pop(request_id, None)
-            self.metrics.record_finished(_finish_reason(state), time.monotonic() - timing.arrival)
-            live = self._processor.remove(state)
-            if live and self._dead is None:
-                self.client.abort(live)
+            stream.release()
+
+    def _release(self, stream: RequestStream) -> None:
+        state, request_id = stream.state, stream.state.request_id
+        self._queues.pop(request_id, None)
+        self._states.pop(request_id, None)
+        self._timings.pop(request_id, None)
+        self.metrics.record_finished(_finish_reason(state), time.monotonic() - stream.timing.arrival)
+        live = self._processor.remove(state)
+        if live and self._dead is None:
+            self.client.abort(live)
 
     async def abort(self, request_id: str) -> None:
         """Stop a request: its stream ends with finish_reason "abort" and its KV blocks are freed."""
