@@ -70,8 +70,19 @@ def _non_negative_int(text: str) -> int:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the `serve` subcommand to the `deepflow` parser."""
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    p.add_argument("--model", default=None, help="local HF model folder (default: the embedded SmolLM2)")
-    p.add_argument("--served-model-name", default=None, help="name clients use (default: the folder's name)")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="local HF model folder (default: the embedded SmolLM2); repeat to serve several models",
+    )
+    p.add_argument(
+        "--served-model-name",
+        action="append",
+        default=None,
+        help="name clients use (default: the folder's name); one per --model, in order",
+    )
+    p.add_argument("--config", default=None, help="cluster YAML (models, TEs, policies, ports); see docs")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the ready line shows it)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -100,14 +111,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="require this bearer key on /v1/* and admin routes (or $DEEPFLOW_API_KEY)",
     )
     p.add_argument("--no-async-scheduling", action="store_true", help="plan each step after the last one")
-    p.add_argument(
-        "--tes", type=_positive_int, default=1, help="task executors (engine processes) serving the model"
-    )
+    p.add_argument("--tes", type=_positive_int, default=1, help="task executors (engine processes) per model")
     p.add_argument(
         "--policy",
         default="combined",
         choices=["round_robin", "least_load", "locality", "combined"],
-        help="how requests are routed among the TEs (with --tes > 1)",
+        help="how a job executor routes requests among a model's TEs",
+    )
+    p.add_argument("--jes", type=_positive_int, default=1, help="job executors (HTTP processes) on the port")
+    p.add_argument(
+        "--standalone",
+        action="store_true",
+        help="no platform: one HTTP process over one engine process (the plain server)",
     )
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"]
@@ -147,43 +162,12 @@ async def _serve(server: Any, engine: Any, host: str, name: str) -> int:
     return 0
 
 
-def _te_group(config: Any, num_tes: int, policy: str) -> Any:
-    """None (AsyncLLM starts its one engine process) or a routed group of `num_tes` engine processes.
+def engine_config(args: argparse.Namespace, model: str | None) -> Any:
+    """The EngineConfig the engine flags describe, for `model`."""
+    from deepflow import EngineConfig
 
-    Until the cluster manager lands, the job executor's client starts the TEs itself."""
-    if num_tes == 1:
-        return None
-    from deepflow.engine.core_client import MPEngineCoreClient
-    from deepflow.platform.je.policies import make_policy
-    from deepflow.platform.je.routing_client import RoutingCoreClient
-
-    config.kv_events = True
-    config.num_threads = config.num_threads or max(1, (os.cpu_count() or 1) // num_tes)
-    clients: dict[str, Any] = {}
-    try:
-        for i in range(num_tes):
-            clients[f"te-{i}"] = MPEngineCoreClient(config)
-    except BaseException:
-        for client in clients.values():
-            client.shutdown()
-        raise
-    logger.info("%d TEs ready; routing policy %s", num_tes, policy)
-    return RoutingCoreClient(clients, make_policy(policy), block_size=config.block_size)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from deepflow import AsyncLLM, EngineConfig
-    from deepflow.api.server import build_app
-    from deepflow.engine.async_llm import EngineDeadError
-
-    level = "DEBUG" if args.log_level == "trace" else args.log_level.upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logger.setLevel(min(logging.INFO, logging.getLevelName(level)))
-    api_key = resolve_api_key(args)
     config = EngineConfig(
-        model=args.model,
+        model=model,
         dtype=args.dtype,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -196,16 +180,82 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config.kv_cache_memory = args.kv_cache_memory
     if args.host_cache_memory is not None:
         config.host_cache_memory = args.host_cache_memory
-    name = args.served_model_name or config.model_path().name
+    return config
+
+
+def build_spec(args: argparse.Namespace) -> Any:
+    """The ClusterSpec of `deepflow serve`: from --config, or one model per --model (the embedded one if
+    none), each with --tes TEs routed by --policy."""
+    from deepflow.platform.spec import ClusterSpec, ModelSpec, load_config, served_name
+
+    if args.config is not None:
+        spec = load_config(args.config, parse_size)
+        spec.log_level = args.log_level
+        return spec
+    models = args.model or [None]
+    names = args.served_model_name or []
+    if len(names) > len(models):
+        raise ValueError(f"{len(names)} --served-model-name for {len(models)} --model")
+    specs = []
+    for i, model in enumerate(models):
+        config = engine_config(args, model)
+        name = served_name(config, names[i] if i < len(names) else None)
+        specs.append(ModelSpec(name=name, engine=config, tes=args.tes, policy=args.policy))
+    spec = ClusterSpec(
+        models=specs,
+        host=args.host,
+        port=args.port,
+        job_executors=args.jes,
+        shutdown_timeout=args.shutdown_timeout,
+        log_level=args.log_level,
+    )
+    spec.validate()
+    return spec
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    level = "DEBUG" if args.log_level == "trace" else args.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.setLevel(min(logging.INFO, logging.getLevelName(level)))
+    try:
+        spec = build_spec(args)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"deepflow: error: {exc}", file=sys.stderr)
+        return 2
+    if args.standalone:
+        return serve_standalone(args, spec)
+    from deepflow.platform.launcher import Launcher
+
+    try:
+        launcher = Launcher(spec, resolve_api_key(args))
+    except OSError as exc:  # e.g. the port is in use
+        print(f"deepflow: error: cannot listen on {spec.host}:{spec.port}: {exc}", file=sys.stderr)
+        return 1
+    return launcher.run()
+
+
+def serve_standalone(args: argparse.Namespace, spec: Any) -> int:
+    """The plain server: this process serves HTTP over one engine process (no CM, no routing)."""
+    import uvicorn
+
+    import deepflow
+    from deepflow.api.server import build_app
+    from deepflow.engine.async_llm import EngineDeadError
+
+    if len(spec.models) != 1 or spec.models[0].tes != 1:
+        print("deepflow: error: --standalone serves one model on one engine", file=sys.stderr)
+        return 2
+    model = spec.models[0]
+    name = model.name
     logger.info("starting DeepFlow for model %s on %s", name, _url(args.host, args.port))
     try:
-        engine = AsyncLLM(config, _te_group(config, args.tes, args.policy), model_name=name)
+        engine = deepflow.AsyncLLM(model.engine, None, model_name=name)
     except EngineDeadError as exc:
         print(f"deepflow: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C while the model loads: the engine process is a daemon and goes too
         return 130
-    app = build_app(engine, name, api_key)
+    app = build_app(engine, name, resolve_api_key(args))
     server = uvicorn.Server(
         uvicorn.Config(
             app,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections import deque
 from collections.abc import Callable
 
 import msgspec
@@ -72,24 +73,46 @@ class Job(msgspec.Struct, kw_only=True):
 
 
 class JobTracker:
-    """Creates jobs and moves tasks through their states; the job's state follows its tasks."""
+    """Creates jobs and moves tasks through their states; the job's state follows its tasks.
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    Finished jobs are kept for inspection (`GET /v1/jobs/{id}`) until `max_finished` newer ones have ended."""
+
+    def __init__(self, clock: Callable[[], float] = time.time, max_finished: int = 10_000) -> None:
         self._clock = clock
         self._ids = itertools.count(1)
         self.jobs: dict[str, Job] = {}
+        self.max_finished = max_finished
+        self._finished: deque[str] = deque()
 
-    def create(self, request_id: str, model: str, num_tasks: int = 1, kind: str = "colocated") -> Job:
+    def create(
+        self,
+        request_id: str,
+        model: str,
+        num_tasks: int = 1,
+        kind: str = "colocated",
+        *,
+        job_id: str | None = None,
+    ) -> Job:
+        """A new job for `request_id`; its id is `job_id` (the API uses the response id) or job-N."""
         now = self._clock()
-        job_id = f"job-{next(self._ids)}"
-        tasks = [
-            Task(task_id=f"{job_id}.{i}", kind=kind, history=[(State.CREATED, now)]) for i in range(num_tasks)
-        ]
-        job = Job(
-            job_id=job_id, request_id=request_id, model=model, tasks=tasks, history=[(State.CREATED, now)]
-        )
+        job_id = job_id or f"job-{next(self._ids)}"
+        if job_id in self.jobs:
+            raise ValueError(f"job id {job_id!r} is already in use")
+        job = Job(job_id=job_id, request_id=request_id, model=model, tasks=[], history=[(State.CREATED, now)])
+        for _ in range(num_tasks):
+            self.add_task(job, kind)
         self.jobs[job_id] = job
         return job
+
+    def add_task(self, job: Job, kind: str = "colocated") -> Task:
+        task = Task(
+            task_id=f"{job.job_id}.{len(job.tasks)}", kind=kind, history=[(State.CREATED, self._clock())]
+        )
+        job.tasks.append(task)
+        return task
+
+    def get(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
 
     def move(
         self, job: Job, task: Task, state: State, *, te_id: str | None = None, error: str | None = None
@@ -126,6 +149,10 @@ class JobTracker:
         if new != job.state:
             job.state = new
             job.history.append((new, now))
+            if new in TERMINAL:
+                self._finished.append(job.job_id)
+                while len(self._finished) > self.max_finished:
+                    self.jobs.pop(self._finished.popleft(), None)
 
     def forget(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)

@@ -10,12 +10,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-import deepflow
 from deepflow.api.contexts import Context
 from deepflow.api.protocol import MAX_CONTEXT_TTL, ChatMessage
 from deepflow.api.server import build_app
 from deepflow.cli import build_parser
-from deepflow.engine.async_llm import EngineDeadError
 from deepflow.engine.tokenizer import Tokenizer
 from tests.api.fake_engine import FakeEngine
 
@@ -365,22 +363,16 @@ def test_cache_flags_parse() -> None:
 
 
 def test_cache_flags_reach_the_engine_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    """cmd_serve builds the real EngineConfig; a stand-in AsyncLLM captures it and stops the command."""
-    seen: list[Any] = []
+    """`deepflow serve` builds the real EngineConfig of each model from the flags (the spec every TE gets)."""
+    from deepflow.api.cli import build_spec
 
-    def fake_async_llm(config: Any, client: Any = None, *, model_name: str) -> None:
-        seen.append(config)
-        raise EngineDeadError("stop here")
-
-    monkeypatch.setattr(deepflow, "AsyncLLM", fake_async_llm)
     argv = ["serve", "--served-model-name", "m", "--no-prefix-caching", "--host-cache-memory", "0"]
-    args = build_parser().parse_args([*argv, "--max-context-tokens", "100"])
-    assert args.func(args) == 1
-    (config,) = seen
-    assert config.enable_prefix_caching is False
+    spec = build_spec(build_parser().parse_args([*argv, "--max-context-tokens", "100"]))
+    (model,) = spec.models
+    config = model.engine
+    assert model.name == "m" and config.enable_prefix_caching is False
     assert config.host_cache_memory == 0 and config.max_context_tokens == 100
-    args = build_parser().parse_args(["serve", "--served-model-name", "m"])
-    assert args.func(args) == 1
     default = type(config)()
-    assert seen[-1].enable_prefix_caching is True and seen[-1].max_context_tokens is None
-    assert seen[-1].host_cache_memory == default.host_cache_memory
+    (model,) = build_spec(build_parser().parse_args(["serve", "--served-model-name", "m"])).models
+    assert model.engine.enable_prefix_caching is True and model.engine.max_context_tokens is None
+    assert model.engine.host_cache_memory == default.host_cache_memory

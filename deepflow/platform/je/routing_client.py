@@ -10,7 +10,9 @@ Requests stay with their TE: aborts go there, a context lives on the TE that com
 it follow. Outputs of all TEs are merged into one stream; their scheduler stats are summed, so the engine
 metrics describe the group. When a TE dies, its requests that have not produced a token are sent again to
 another TE of the group; those that have end with an abort naming the failure (their tokens reached the
-client, so a retry would repeat them). The group fails only when no TE is left.
+client, so a retry would repeat them). TEs join and leave while it runs (`add_te`, on the cluster manager's
+push); with none alive new requests are refused until one joins. Each request is recorded as a job with one
+task per sequence (`deepflow.platform.jobs`): the TE of every attempt, the states and their times.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from deepflow.platform.je.policies import (
     RoutingRequest,
     TELoad,
 )
+from deepflow.platform.jobs import Job, JobTracker, State, Task
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +77,15 @@ class _TE:
 
 
 class RoutingCoreClient:
-    def __init__(self, clients: dict[str, EngineCoreClient], policy: Policy, block_size: int) -> None:
+    def __init__(
+        self,
+        clients: dict[str, EngineCoreClient],
+        policy: Policy,
+        block_size: int,
+        *,
+        jobs: JobTracker | None = None,
+        model: str = "",
+    ) -> None:
         if not clients:
             raise ValueError("a TE group needs at least one TE")
         self.tes = {te_id: _TE(te_id, client) for te_id, client in clients.items()}
@@ -84,13 +95,32 @@ class RoutingCoreClient:
         self.model_path: Path = first.model_path
         self.policy = policy
         self.tree = GlobalPromptTree(block_size)
+        self.jobs = jobs
+        self.model = model
         self._owner: dict[str, _TE] = {}  # live request id -> its TE
         self._requests: dict[str, EngineCoreRequest] = {}  # live requests, kept for a retry elsewhere
         self._streamed: set[str] = set()  # live requests that produced a token
+        self._tasks: dict[str, tuple[Job, Task]] = {}  # live request id -> its job and task
         self._context_owner: dict[str, _TE] = {}
+        self._retired_counters = dict.fromkeys(_COUNTERS, 0)  # what TEs that left had counted
         self.decisions: deque[tuple[str, Decision]] = deque(maxlen=4096)  # (request id, decision)
         self._merged: asyncio.Queue[EngineCoreOutputs | BaseException] | None = None
         self._pumps: list[asyncio.Task[None]] = []
+
+    # ---- membership ------------------------------------------------------------------------------------
+    def add_te(self, te_id: str, client: EngineCoreClient) -> None:
+        """A TE joined (or came back under a new incarnation): route to it from now on."""
+        old = self.tes.get(te_id)
+        if old is not None and not old.dead:
+            self._publish(self._fail_over(old, "replaced by a new incarnation"))
+        te = self.tes[te_id] = _TE(te_id, client)
+        if self._merged is not None:
+            self._pumps.append(asyncio.create_task(self._pump(te)))
+        logger.info("TE %s joined group %s", te_id, self.model or "-")
+
+    def _publish(self, item: EngineCoreOutputs | BaseException) -> None:
+        if self._merged is not None:
+            self._merged.put_nowait(item)
 
     # ---- routing ---------------------------------------------------------------------------------------
     def route(self, request: EngineCoreRequest) -> str:
@@ -117,17 +147,56 @@ class RoutingCoreClient:
         return te.te_id if te is not None else None
 
     def add_request(self, request: EngineCoreRequest) -> None:
+        job_task = self._tasks.get(request.request_id) or self._new_task(request)
+        self._move(job_task, State.QUEUED)
         try:
             te = self.tes[self.route(request)]
-        except NoHealthyTE:
-            raise EngineDeadError("no task executor of the group is alive") from None
-        te.client.add_request(request)
+            te.client.add_request(request)
+        except (NoHealthyTE, EngineDeadError) as exc:
+            self._tasks.pop(request.request_id, None)
+            self._move(job_task, State.FAILED, error="no task executor of the group is alive")
+            raise EngineDeadError(f"no task executor of group {self.model or '-'} is alive") from exc
+        self._tasks[request.request_id] = job_task
+        self._move(job_task, State.SCHEDULED, te_id=te.te_id)
         self._requests[request.request_id] = request
         self._owner[request.request_id] = te
         te.requests.add(request.request_id)
         te.routed_tokens += len(request.prompt_token_ids) + (request.sampling_params.max_tokens or 0)
         if request.create_context is not None:
             self._context_owner[request.create_context.context_id] = te
+
+    # ---- jobs ------------------------------------------------------------------------------------------
+    def _new_task(self, request: EngineCoreRequest) -> tuple[Job, Task] | None:
+        if self.jobs is None:
+            return None
+        job_id = request.request_id.partition("#")[0]  # the n sequences of a request are one job
+        job = self.jobs.get(job_id) or self.jobs.create(job_id, self.model, num_tasks=0, job_id=job_id)
+        return job, self.jobs.add_task(job)
+
+    def _move(
+        self,
+        job_task: tuple[Job, Task] | None,
+        state: State,
+        *,
+        te_id: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        if job_task is None or self.jobs is None:
+            return
+        job, task = job_task
+        self.jobs.move(job, task, state, te_id=te_id, error=error)
+        logger.info(
+            "job=%s task=%s state=%s te=%s%s",
+            job.job_id,
+            task.task_id,
+            state.value,
+            te_id or task.te_id or "-",
+            f" error={error!r}" if error else "",
+        )
+
+    def job_of(self, request_id: str) -> Job | None:
+        entry = self._tasks.get(request_id)
+        return entry[0] if entry is not None else None
 
     def abort(self, request_ids: list[str]) -> None:
         by_te: dict[str, list[str]] = {}
@@ -169,11 +238,15 @@ class RoutingCoreClient:
             raise
         except Exception as exc:
             logger.error("TE %s failed: %s", te.te_id, exc)
-            self._merged.put_nowait(self._fail_over(te, str(exc)))
+            if not te.dead:
+                self._merged.put_nowait(self._fail_over(te, str(exc)))
 
-    def _fail_over(self, te: _TE, reason: str) -> EngineCoreOutputs | EngineDeadError:
+    def _fail_over(self, te: _TE, reason: str) -> EngineCoreOutputs:
         """Retry the dead TE's requests that have not streamed on the others; end the rest with an abort."""
         te.dead = True
+        if te.stats is not None:
+            for name in _COUNTERS:
+                self._retired_counters[name] += getattr(te.stats, name)
         te.stats = None
         self.tree.remove_te(te.te_id)
         for context_id in [c for c, owner in self._context_owner.items() if owner is te]:
@@ -182,6 +255,7 @@ class RoutingCoreClient:
         for request_id in sorted(te.requests):
             request = self._requests.get(request_id)
             self._owner.pop(request_id, None)
+            job_task = self._tasks.get(request_id)
             if request is not None and request_id not in self._streamed and request.create_context is None:
                 try:
                     self.add_request(request)
@@ -191,17 +265,19 @@ class RoutingCoreClient:
                     pass
             self._requests.pop(request_id, None)
             self._streamed.discard(request_id)
+            message = f"task executor {te.te_id} failed: {reason}"
+            if job_task is not None and job_task[1].state not in (State.FAILED,):
+                self._tasks.pop(request_id, None)
+                self._move(job_task, State.FAILED, error=message)
             ended.append(
                 EngineCoreOutput(
                     request_id=request_id,
                     new_token_ids=[],
                     finish_reason=FinishReason.ABORT,
-                    stop_reason=f"task executor {te.te_id} failed: {reason}",
+                    stop_reason=message,
                 )
             )
         te.requests.clear()
-        if not any(not t.dead for t in self.tes.values()):
-            return EngineDeadError(f"every task executor of the group failed (last: {te.te_id}: {reason})")
         return EngineCoreOutputs(outputs=ended, stats=self._group_stats([]))
 
     def _absorb(self, te: _TE, batch: EngineCoreOutputs) -> EngineCoreOutputs:
@@ -211,9 +287,22 @@ class RoutingCoreClient:
         for event in batch.kv_events:
             self.tree.apply(msgspec.structs.replace(event, te_id=te.te_id))
         for out in batch.outputs:
+            job_task = self._tasks.get(out.request_id)
             if out.new_token_ids:
                 self._streamed.add(out.request_id)
+                if job_task is not None:
+                    job_task[1].streamed = True
+            if job_task is not None and job_task[1].state == State.SCHEDULED:
+                self._move(job_task, State.RUNNING)
             if out.finish_reason is not None:
+                if job_task is not None:
+                    self._tasks.pop(out.request_id, None)
+                    aborted = out.finish_reason == FinishReason.ABORT
+                    self._move(
+                        job_task,
+                        State.ABORTED if aborted else State.FINISHED,
+                        error=str(out.stop_reason) if aborted and out.stop_reason else None,
+                    )
                 self._owner.pop(out.request_id, None)
                 self._requests.pop(out.request_id, None)
                 self._streamed.discard(out.request_id)
@@ -222,12 +311,17 @@ class RoutingCoreClient:
         return EngineCoreOutputs(outputs=batch.outputs, stats=self._group_stats(fresh))
 
     def _group_stats(self, populate_latencies: list[float]) -> SchedulerStats | None:
+        """Gauges over the live TEs; counters over every TE the group ever had, so they never go back."""
         reports = [te.stats for te in self.tes.values() if te.stats is not None and not te.dead]
         if not reports:
             return None
-        total = {name: sum(getattr(s, name) for s in reports) for name in _SUMMED}
+        gauges = {name: sum(getattr(s, name) for s in reports) for name in _GAUGES}
+        counters = {
+            name: self._retired_counters[name] + sum(getattr(s, name) for s in reports) for name in _COUNTERS
+        }
         return SchedulerStats(
-            **total,
+            **gauges,
+            **counters,
             kv_cache_usage=sum(s.kv_cache_usage for s in reports) / len(reports),
             populate_latencies=populate_latencies,  # only the batch's own: others' were counted already
         )
@@ -243,15 +337,12 @@ class RoutingCoreClient:
                 te.client.shutdown()
 
 
-_SUMMED = (
-    "num_running",
-    "num_waiting",
-    "outstanding_tokens",
+_GAUGES = ("num_running", "num_waiting", "outstanding_tokens", "pinned_context_tokens")
+_COUNTERS = (
     "num_preemptions_total",
     "prefix_cache_queries_total",
     "prefix_cache_hits_total",
     "prefix_cache_host_hits_total",
     "kv_blocks_evicted_total",
     "host_blocks_evicted_total",
-    "pinned_context_tokens",
 )

@@ -1,0 +1,397 @@
+"""The cluster manager (paper §3): the one owner of TE processes.
+
+It starts every TE of the spec as a local process, keeps a registry of TEs and JEs (SQLite, so a restarted
+manager adopts the running TEs instead of starting new ones), watches them (process exit, heartbeats,
+startup time), restarts a dead TE under a new incarnation, and pushes the TE list to every job executor the
+moment it changes. A plain loop over one ROUTER socket: no threads, no asyncio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from deepflow.engine.request import SchedulerStats
+from deepflow.platform import messages as m
+from deepflow.platform.cluster.registry import Registry, TERow
+from deepflow.platform.procs import kill_quietly, pid_alive
+from deepflow.platform.spec import ClusterSpec, ModelSpec, engine_threads
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_TIMEOUT = 30.0  # a step on a loaded CPU can take seconds; a hung TE is killed after this
+STARTUP_TIMEOUT = 600.0
+JE_TIMEOUT = 10.0
+STOP_GRACE = 20.0
+
+
+def cm_address(run_dir: Path) -> str:
+    return f"ipc://{run_dir}/cm.sock"
+
+
+@dataclasses.dataclass
+class _TE:
+    row: TERow
+    spec: ModelSpec
+    process: subprocess.Popen[bytes] | None = None  # None when adopted from an earlier manager
+    info: m.TEInfo | None = None
+    stats: SchedulerStats | None = None
+    identity: bytes | None = None
+    last_heartbeat: float = 0.0
+    restart_at: float = 0.0
+    failures: int = 0  # consecutive deaths soon after start: the restart backoff
+
+    def alive(self) -> bool:
+        if self.process is not None:
+            return self.process.poll() is None
+        return pid_alive(self.row.pid)
+
+    def exit_note(self) -> str:
+        if self.process is not None and self.process.returncode is not None:
+            return f"exited with code {self.process.returncode}"
+        return "exited"
+
+
+@dataclasses.dataclass
+class _JE:
+    je_id: str
+    pid: int
+    last_seen: float
+
+
+class ClusterManager:
+    def __init__(
+        self, spec: ClusterSpec, run_dir: Path, lifeline_fd: int | None = None, log_level: str = "info"
+    ) -> None:
+        self.spec = spec
+        self.run_dir = run_dir
+        self.lifeline_fd = lifeline_fd
+        self.log_level = log_level
+        self.started_at = time.time()
+        self.stopping = False
+        self.registry = Registry(run_dir / "cluster.db")
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(cm_address(run_dir))
+        self._epoch = f"{os.getpid()}.{int(self.started_at * 1000)}"
+        self._changes = 0
+        self.version = f"{self._epoch}:0"
+        self.tes: dict[str, _TE] = {}
+        self.jes: dict[bytes, _JE] = {}
+        self._adopt_or_start()
+
+    # ---- TE lifecycle ----------------------------------------------------------------------------------
+    def _adopt_or_start(self) -> None:
+        rows = {row.te_id: row for row in self.registry.tes()}
+        for te_id, model in self.spec.te_ids():
+            row = rows.get(te_id)
+            if row is not None and row.state in ("starting", "ready") and pid_alive(row.pid):
+                # It keeps running; its next heartbeat (within a second) makes it ready again here.
+                row.state = "starting"
+                self.tes[te_id] = _TE(row=row, spec=model, last_heartbeat=time.monotonic())
+                logger.info("adopted TE %s (pid %s, incarnation %d)", te_id, row.pid, row.incarnation)
+                continue
+            fresh = TERow(
+                te_id=te_id,
+                model=model.name,
+                incarnation=row.incarnation if row else 0,
+                state="dead",
+                pid=None,
+                address="",
+                restarts=row.restarts if row else 0,
+            )
+            te = self.tes[te_id] = _TE(row=fresh, spec=model)
+            self._spawn(te)
+        self._changed()
+
+    def _spawn(self, te: _TE) -> None:
+        incarnation = te.row.incarnation + 1
+        address = f"ipc://{self.run_dir}/{te.row.te_id}.{incarnation}.sock"
+        engine = dataclasses.replace(
+            te.spec.engine,
+            num_threads=te.spec.engine.num_threads or engine_threads(self.spec),
+            kv_events=True,
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "deepflow.platform.te",
+            "--te-id",
+            te.row.te_id,
+            "--incarnation",
+            str(incarnation),
+            "--model-name",
+            te.spec.name,
+            "--engine-config",
+            _json(engine),
+            "--cm-address",
+            cm_address(self.run_dir),
+            "--address",
+            address,
+            "--log-level",
+            self.log_level,
+        ]
+        pass_fds: tuple[int, ...] = ()
+        if self.lifeline_fd is not None:
+            command += ["--lifeline-fd", str(self.lifeline_fd)]
+            pass_fds = (self.lifeline_fd,)
+        te.process = subprocess.Popen(command, pass_fds=pass_fds, start_new_session=True)
+        te.info = te.stats = te.identity = None
+        te.row = TERow(
+            te_id=te.row.te_id,
+            model=te.spec.name,
+            incarnation=incarnation,
+            state="starting",
+            pid=te.process.pid,
+            address=address,
+            restarts=te.row.restarts + (1 if incarnation > 1 else 0),
+            started_at=time.time(),
+        )
+        self.registry.save_te(te.row)
+        logger.info("started TE %s (model %s, pid %d, incarnation %d)", te.row.te_id, te.spec.name,
+                    te.process.pid, incarnation)  # fmt: skip
+
+    def _died(self, te: _TE, reason: str) -> None:
+        lived = time.time() - (te.row.ready_at or te.row.started_at or time.time())
+        te.failures = te.failures + 1 if te.row.ready_at is None or lived < 60 else 0
+        delay = min(30.0, 0.25 * 2**te.failures)
+        te.restart_at = time.monotonic() + delay
+        te.row.state = "dead"
+        te.stats = None
+        self.registry.save_te(te.row)
+        logger.warning("TE %s (pid %s) %s; restarting in %.1f s", te.row.te_id, te.row.pid, reason, delay)
+        self._changed()
+
+    def _check_tes(self) -> None:
+        now = time.monotonic()
+        for te in self.tes.values():
+            state = te.row.state
+            if state in ("starting", "ready"):
+                if not te.alive():
+                    self._died(te, te.exit_note())
+                elif state == "ready" and now - te.last_heartbeat > HEARTBEAT_TIMEOUT:
+                    kill_quietly(te.row.pid)
+                    self._died(te, f"sent no heartbeat for {HEARTBEAT_TIMEOUT:.0f} s (killed)")
+                elif (
+                    state == "starting"
+                    and te.process is not None
+                    and time.time() - (te.row.started_at or 0) > STARTUP_TIMEOUT
+                ):
+                    kill_quietly(te.row.pid)
+                    self._died(te, f"did not become ready within {STARTUP_TIMEOUT:.0f} s (killed)")
+                elif (
+                    state == "starting" and te.process is None and now - te.last_heartbeat > HEARTBEAT_TIMEOUT
+                ):
+                    kill_quietly(te.row.pid)  # adopted but silent
+                    self._died(te, "was adopted but sent no heartbeat (killed)")
+            elif state == "dead" and not self.stopping and now >= te.restart_at:
+                self._spawn(te)
+                self._changed()
+
+    def _on_te_heartbeat(self, identity: bytes, beat: m.TEHeartbeat) -> None:
+        info = beat.info
+        te = self.tes.get(info.te_id)
+        if te is None or info.incarnation < te.row.incarnation or te.row.state == "dead":
+            logger.warning(
+                "stopping stray TE %s incarnation %d (pid %d)", info.te_id, info.incarnation, info.pid
+            )
+            self._send(identity, m.StopTE())
+            return
+        te.info, te.stats, te.identity = info, beat.stats, identity
+        te.last_heartbeat = time.monotonic()
+        if te.row.state != "ready" or te.row.incarnation != info.incarnation:
+            te.row.incarnation, te.row.pid, te.row.address = info.incarnation, info.pid, info.address
+            te.row.state = "ready"
+            te.row.ready_at = te.row.ready_at if te.process is None and te.row.ready_at else time.time()
+            self.registry.save_te(te.row)
+            took = te.row.ready_at - (te.row.started_at or te.row.ready_at)
+            logger.info("TE %s ready (pid %d, %.1f s after start)", info.te_id, info.pid, took)
+            self._changed()
+
+    # ---- job executors ---------------------------------------------------------------------------------
+    def _on_je_heartbeat(self, identity: bytes, beat: m.JEHeartbeat) -> None:
+        if identity not in self.jes:
+            logger.info("job executor %s (pid %d) joined", beat.je_id, beat.pid)
+            self.registry.save_je(beat.je_id, beat.pid)
+        self.jes[identity] = _JE(beat.je_id, beat.pid, time.monotonic())
+        if beat.view_version != self.version:
+            self._send(identity, self._view())
+
+    def _prune_jes(self) -> None:
+        now = time.monotonic()
+        for identity in [i for i, je in self.jes.items() if now - je.last_seen > JE_TIMEOUT]:
+            logger.warning("job executor %s went silent", self.jes.pop(identity).je_id)
+
+    def _view(self) -> m.ClusterView:
+        return m.ClusterView(
+            version=self.version,
+            tes=[
+                m.TEState(
+                    te_id=te.row.te_id,
+                    model=te.spec.name,
+                    incarnation=te.row.incarnation,
+                    state=te.row.state,
+                    pid=te.row.pid,
+                    info=te.info if te.row.state == "ready" else None,
+                )
+                for te in self.tes.values()
+            ],
+        )
+
+    def _changed(self) -> None:
+        """Push the new TE list to every JE now: they must not route to a dead TE a moment longer."""
+        self._changes += 1
+        self.version = f"{self._epoch}:{self._changes}"
+        view = self._view()
+        for identity in self.jes:
+            self._send(identity, view)
+
+    def _send(self, identity: bytes, message: Any) -> None:
+        try:
+            self._socket.send_multipart([identity, m.encoder.encode(message)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            logger.debug("could not send to %r: %s", identity, exc)
+
+    # ---- reports ---------------------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        now = time.monotonic()
+        tes = []
+        for te in self.tes.values():
+            s = te.stats
+            tes.append(
+                {
+                    "te_id": te.row.te_id,
+                    "model": te.spec.name,
+                    "state": te.row.state,
+                    "pid": te.row.pid,
+                    "host": te.info.host if te.info else None,
+                    "address": te.row.address,
+                    "incarnation": te.row.incarnation,
+                    "restarts": te.row.restarts,
+                    "started_at": te.row.started_at,
+                    "ready_at": te.row.ready_at,
+                    "heartbeat_age_s": round(now - te.last_heartbeat, 3) if te.last_heartbeat else None,
+                    "load": _load(s),
+                    "kv_usage": s.kv_cache_usage if s else None,
+                    "prefix_cache_hit_rate": _hit_rate([s] if s else []),
+                    "num_kv_blocks": te.info.num_kv_blocks if te.info else None,
+                }
+            )
+        groups = []
+        for model in self.spec.models:
+            members = [te for te in self.tes.values() if te.spec.name == model.name]
+            stats = [te.stats for te in members if te.stats is not None and te.row.state == "ready"]
+            groups.append(
+                {
+                    "model": model.name,
+                    "policy": model.policy,
+                    "tes": [te.row.te_id for te in members],
+                    "ready": sum(te.row.state == "ready" for te in members),
+                    "load": _sum_load(stats),
+                    "kv_usage": sum(s.kv_cache_usage for s in stats) / len(stats) if stats else None,
+                    "prefix_cache_hit_rate": _hit_rate(stats),
+                }
+            )
+        return {
+            "cluster_manager": {
+                "pid": os.getpid(),
+                "started_at": self.started_at,
+                "view_version": self.version,
+            },
+            "groups": groups,
+            "tes": tes,
+            "job_executors": [
+                {"je_id": je.je_id, "pid": je.pid, "heartbeat_age_s": round(now - je.last_seen, 3)}
+                for je in self.jes.values()
+            ],
+        }
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    def run(self) -> int:
+        while not self.stopping:
+            if self._socket.poll(100):
+                while True:
+                    try:
+                        identity, payload = self._socket.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle(identity, payload)
+            self._check_tes()
+            self._prune_jes()
+        self._stop_tes()
+        return 0
+
+    def _handle(self, identity: bytes, payload: bytes) -> None:
+        try:
+            message = m.to_cm.decode(payload)
+        except Exception as exc:  # a bad message must not take the manager down
+            logger.warning("undecodable message from %r: %s", identity, exc)
+            return
+        if isinstance(message, m.TEHeartbeat):
+            self._on_te_heartbeat(identity, message)
+        elif isinstance(message, m.JEHeartbeat):
+            self._on_je_heartbeat(identity, message)
+        elif isinstance(message, m.ClusterQuery):
+            self._send(identity, m.ClusterReport(query_id=message.query_id, report=self.report()))
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def _stop_tes(self) -> None:
+        """StopTE (and SIGTERM) to every TE, wait for them to exit, kill what is left."""
+        live = [te for te in self.tes.values() if te.row.state in ("starting", "ready") and te.alive()]
+        for te in live:
+            if te.identity is not None:
+                self._send(te.identity, m.StopTE())
+            kill_quietly(te.row.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        while any(te.alive() for te in live) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for te in live:
+            if te.alive():
+                logger.warning("TE %s did not stop in %.0f s; killing it", te.row.te_id, STOP_GRACE)
+                kill_quietly(te.row.pid)
+        for te in self.tes.values():
+            if te.process is not None:
+                te.process.wait(timeout=5)
+            te.row.state = "stopped"
+            self.registry.save_te(te.row)
+        self.registry.close()
+        self._context.destroy(linger=0)
+        logger.info("cluster manager stopped %d TEs", len(live))
+
+
+def _json(engine: Any) -> str:
+    import msgspec
+
+    return msgspec.json.encode(engine).decode()
+
+
+def _load(s: SchedulerStats | None) -> dict[str, int] | None:
+    if s is None:
+        return None
+    return {"running": s.num_running, "waiting": s.num_waiting, "outstanding_tokens": s.outstanding_tokens}
+
+
+def _sum_load(stats: list[SchedulerStats]) -> dict[str, int]:
+    return {
+        "running": sum(s.num_running for s in stats),
+        "waiting": sum(s.num_waiting for s in stats),
+        "outstanding_tokens": sum(s.outstanding_tokens for s in stats),
+    }
+
+
+def _hit_rate(stats: list[SchedulerStats]) -> float | None:
+    queries = sum(s.prefix_cache_queries_total for s in stats)
+    return sum(s.prefix_cache_hits_total for s in stats) / queries if queries else None

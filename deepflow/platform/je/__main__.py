@@ -1,0 +1,71 @@
+"""`python -m deepflow.platform.je`: one job executor, started (and restarted) by `deepflow serve`.
+
+It serves HTTP on the listening socket the launcher bound and passed down, so a restarted JE, or several,
+accept on the same port (connections wait in the kernel's backlog meanwhile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from deepflow.platform.procs import setup_logging, watch_lifeline
+
+logger = logging.getLogger("deepflow.platform.je")
+
+
+async def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from deepflow.api.server import build_app
+    from deepflow.platform.je.executor import JobExecutor
+    from deepflow.platform.spec import ClusterSpec
+
+    spec = ClusterSpec.decode(args.spec)
+    executor = JobExecutor(spec, args.je_id, args.run_dir)
+    try:
+        await executor.start()
+        app = build_app(
+            dict(executor.engines), api_key=os.environ.get("DEEPFLOW_API_KEY") or None, platform=executor
+        )
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                log_level=spec.log_level,
+                timeout_graceful_shutdown=spec.shutdown_timeout,
+            )
+        )
+        listener = socket.socket(fileno=args.listen_fd)
+        await server.serve(sockets=[listener])
+    finally:
+        executor.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deepflow.platform.je")
+    p.add_argument("--spec", required=True, help="ClusterSpec as JSON")
+    p.add_argument("--je-id", required=True)
+    p.add_argument("--run-dir", required=True, type=Path)
+    p.add_argument("--listen-fd", required=True, type=int)
+    p.add_argument("--lifeline-fd", type=int, default=None)
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+    setup_logging(args.log_level, f"JE-{args.je_id}")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher stops us with SIGTERM, in order
+    # Launcher gone: stop like on SIGTERM (uvicorn's handler drains, then exits).
+    watch_lifeline(args.lifeline_fd, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The job executor (paper §3, §5): the HTTP edge's view of the cluster, one process of several.
+
+It keeps one TE group per model (`RoutingCoreClient`, one `RemoteTEClient` per TE) in step with the cluster
+manager's pushed TE list, serves each model through an `AsyncLLM` (tokenizes, detokenizes, streams), and
+records every request as a job (`JobTracker`, one per JE). It heartbeats the CM every second with the view
+version it holds, so a restarted CM re-sends the list; a dead TE is routed around as soon as the CM sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from deepflow.engine.async_llm import AsyncLLM
+from deepflow.platform import messages as m
+from deepflow.platform.cluster.manager import cm_address
+from deepflow.platform.je.policies import make_policy
+from deepflow.platform.je.routing_client import RoutingCoreClient
+from deepflow.platform.je.te_client import RemoteTEClient
+from deepflow.platform.jobs import JobTracker
+from deepflow.platform.spec import ClusterSpec
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 1.0
+
+
+class JobExecutor:
+    def __init__(self, spec: ClusterSpec, je_id: str, run_dir: Path) -> None:
+        self.spec = spec
+        self.je_id = je_id
+        self.jobs = JobTracker()
+        self.groups: dict[str, RoutingCoreClient] = {}
+        self.engines: dict[str, AsyncLLM] = {}
+        self._context = zmq.asyncio.Context()
+        self._cm = self._context.socket(zmq.DEALER)
+        self._cm.setsockopt(zmq.IDENTITY, je_id.encode())
+        self._cm.setsockopt(zmq.LINGER, 0)
+        self._cm.connect(cm_address(run_dir))
+        self._clients: dict[str, RemoteTEClient] = {}  # te id -> its current incarnation's client
+        self._known_at: dict[str, float] = {}  # te id -> when this JE connected to its current incarnation
+        self._view_version = ""
+        self._first_view = asyncio.Event()
+        self._query_ids = itertools.count(1)
+        self._queries: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---- startup ---------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Wait until every model has a ready TE, then build the groups and engines."""
+        self._tasks = [asyncio.create_task(self._heartbeats()), asyncio.create_task(self._listen())]
+        while not self._all_models_ready():
+            self._first_view.clear()
+            await self._first_view.wait()
+        for model in self.spec.models:
+            clients = {
+                te_id: c for te_id, c in self._clients.items() if c.info.model == model.name and c.is_alive()
+            }
+            group = RoutingCoreClient(
+                dict(clients),
+                make_policy(model.policy),
+                block_size=next(iter(clients.values())).info.block_size,
+                jobs=self.jobs,
+                model=model.name,
+            )
+            self.groups[model.name] = group
+            self.engines[model.name] = AsyncLLM(model.engine, group, model_name=model.name)
+        logger.info("job executor %s serving %s", self.je_id, ", ".join(self.engines))
+
+    def _all_models_ready(self) -> bool:
+        ready = {c.info.model for c in self._clients.values() if c.is_alive()}
+        return all(model.name in ready for model in self.spec.models)
+
+    # ---- the cluster manager ---------------------------------------------------------------------------
+    async def _heartbeats(self) -> None:
+        while True:
+            beat = m.JEHeartbeat(je_id=self.je_id, pid=os.getpid(), view_version=self._view_version)
+            await self._cm.send(m.encoder.encode(beat))
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    async def _listen(self) -> None:
+        while True:
+            message = m.from_cm.decode(await self._cm.recv())
+            if isinstance(message, m.ClusterView):
+                self.apply_view(message)
+            elif isinstance(message, m.ClusterReport):
+                waiter = self._queries.pop(message.query_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(message.report)
+
+    def apply_view(self, view: m.ClusterView) -> None:
+        """Connect to TEs that became ready, drop those that died or were replaced."""
+        self._view_version = view.version
+        listed = set()
+        for te in view.tes:
+            listed.add(te.te_id)
+            current = self._clients.get(te.te_id)
+            if te.state == "ready" and te.info is not None:
+                if (
+                    current is not None
+                    and current.info.incarnation == te.info.incarnation
+                    and current.is_alive()
+                ):
+                    continue
+                if current is not None:
+                    current.mark_dead(f"replaced by incarnation {te.info.incarnation}")
+                client = RemoteTEClient(te.info, self.je_id, self._context)
+                self._clients[te.te_id] = client
+                self._known_at[te.te_id] = time.time()
+                group = self.groups.get(te.model)
+                if group is not None:
+                    group.add_te(te.te_id, client)
+                logger.info(
+                    "TE %s (model %s, incarnation %d) is ready here", te.te_id, te.model, te.incarnation
+                )
+            elif (
+                current is not None
+                and current.is_alive()
+                and (te.state == "dead" or te.incarnation != current.info.incarnation)
+            ):
+                current.mark_dead(f"the cluster manager reports it {te.state}")
+        for te_id in set(self._clients) - listed:
+            self._clients[te_id].mark_dead("no longer in the cluster")
+        self._first_view.set()
+
+    # ---- the PlatformView the HTTP edge shows ------------------------------------------------------------
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        out: dict[str, Any] = msgspec.to_builtins(job)
+        out["job_executor"] = self.je_id
+        for task, raw in zip(job.tasks, out["tasks"], strict=True):
+            raw["te_id"] = task.te_id
+        return out
+
+    async def cluster(self, timeout: float = 2.0) -> dict[str, Any]:
+        query_id = next(self._query_ids)
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._queries[query_id] = waiter
+        try:
+            await self._cm.send(m.encoder.encode(m.ClusterQuery(query_id=query_id)))
+            report = await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            raise TimeoutError(f"the cluster manager did not answer within {timeout:.0f} s") from None
+        finally:
+            self._queries.pop(query_id, None)
+        report["job_executor"] = {
+            "je_id": self.je_id,
+            "pid": os.getpid(),
+            "view_version": self._view_version,
+            "connected_tes": {
+                te_id: {"incarnation": c.info.incarnation, "known_at": self._known_at[te_id]}
+                for te_id, c in sorted(self._clients.items())
+                if c.is_alive()
+            },
+        }
+        return report
+
+    def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for engine in self.engines.values():
+            engine.shutdown()
+        self._context.destroy(linger=0)

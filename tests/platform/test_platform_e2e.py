@@ -1,0 +1,277 @@
+"""The platform end to end: `deepflow serve --tes 2` starts a cluster manager, a job executor and two real
+TEs (SmolLM2, float32). Requests sharing a prefix follow the TE that caches it while load is balanced; under
+skewed load the combined policy spreads them; a killed TE loses no request that had not streamed and comes
+back under a new incarnation, known to the JE within a second; killing the CM or the JE loses no TE."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api.server_utils import AUTH, ServerProcess, smollm2_args, start_server, wait_for
+
+SYSTEM = "You are a terse assistant for a ferry company. Boats leave hourly from pier two, 6:00 to 22:00."
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def chat(model: str, question: str, max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        **extra,
+    }
+
+
+def cluster(http: httpx.Client) -> dict[str, Any]:
+    reply = http.get("/v1/cluster")
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def te_pids(report: dict[str, Any]) -> dict[str, int]:
+    return {te["te_id"]: te["pid"] for te in report["tes"]}
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_dir: Path) -> Iterator[ServerProcess]:
+    server = start_server([*smollm2_args(smollm2_dir), "--tes", "2", "--policy", "combined"])
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def http(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as client:
+        yield client
+
+
+def test_cluster_report_and_jobs(server: ServerProcess, http: httpx.Client) -> None:
+    report = cluster(http)
+    assert [te["state"] for te in report["tes"]] == ["ready", "ready"]
+    assert report["groups"][0]["model"] == server.model and report["groups"][0]["ready"] == 2
+    assert set(report["job_executor"]["connected_tes"]) == {"te-0", "te-1"}
+    reply = http.post("/v1/chat/completions", json=chat(server.model, "Which pier?"))
+    assert reply.status_code == 200, reply.text
+    te = reply.headers["x-deepflow-te"]
+    job = http.get(f"/v1/jobs/{reply.json()['id']}").json()
+    assert job["state"] == "finished" and job["model"] == server.model
+    (task,) = job["tasks"]
+    assert task["te_id"] == te and [a["te_id"] for a in task["attempts"]] == [te]
+    assert [s for s, _ in task["history"]] == ["created", "queued", "scheduled", "running", "finished"]
+    assert http.get("/v1/jobs/chatcmpl-unknown").status_code == 404
+    assert httpx.get(f"{server.url}/v1/cluster").status_code == 401  # admin: needs the key
+
+
+def test_same_prefix_follows_its_te_then_spreads_under_skew(
+    server: ServerProcess, http: httpx.Client
+) -> None:
+    # Balanced (one request at a time): every turn goes where the system prompt is cached.
+    tes, cached = [], []
+    for question in ("When is the first boat?", "When is the last boat?", "Is there a boat at noon?"):
+        reply = http.post("/v1/chat/completions", json=chat(server.model, question))
+        assert reply.status_code == 200, reply.text
+        tes.append(reply.headers["x-deepflow-te"])
+        cached.append(reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert len(set(tes)) == 1, tes
+    assert min(cached[1:]) >= 16, cached
+    # Skewed: long generations pile up on that TE; past the imbalance threshold new ones go to the other.
+    with contextlib.ExitStack() as streams:
+        routed = []
+        for i in range(10):
+            body = chat(server.model, f"Tell me a long story number {i}.", 400, stream=True, ignore_eos=True)
+            response = streams.enter_context(http.stream("POST", "/v1/chat/completions", json=body))
+            assert response.status_code == 200
+            routed.append(response.headers["x-deepflow-te"])
+    assert routed[0] == tes[0], routed  # still balanced: locality
+    assert len(set(routed)) == 2, routed  # imbalance: the load-aware branch used the other TE
+
+
+def _stream_chat(url: str, body: dict[str, Any], results: dict[str, Any], key: int) -> None:
+    """Read one SSE stream to its end: (job id, content chunks seen, error event or None)."""
+    job_id, contents, error = None, 0, None
+    with (
+        httpx.Client(base_url=url, headers=AUTH, timeout=300) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                error = event["error"]
+                continue
+            job_id = event["id"]
+            contents += any(c["delta"].get("content") for c in event["choices"])
+    results[key] = (job_id, contents, error)
+
+
+def test_killed_te_loses_no_unstreamed_request_and_comes_back(
+    server: ServerProcess, http: httpx.Client
+) -> None:
+    before = cluster(http)
+    results: dict[int, Any] = {}
+    # 2 TEs x max-num-seqs 4: 12 requests leave some waiting (not streamed) when one TE is killed.
+    threads = [
+        threading.Thread(
+            target=_stream_chat,
+            args=(
+                server.url,
+                chat(server.model, f"Count to {i + 20}.", 48, stream=True, ignore_eos=True),
+                results,
+                i,
+            ),
+        )
+        for i in range(12)
+    ]
+    for thread in threads:
+        thread.start()
+    assert wait_for(
+        lambda: any(te["load"] and te["load"]["waiting"] for te in cluster(http)["tes"]), 60, 0.05
+    )
+    victim = max(cluster(http)["tes"], key=lambda te: te["load"]["waiting"])
+    os.kill(victim["pid"], signal.SIGKILL)
+    for thread in threads:
+        thread.join(timeout=300)
+    assert len(results) == 12
+    attempts = []
+    for job_id, contents, error in results.values():
+        job = http.get(f"/v1/jobs/{job_id}").json()
+        (task,) = job["tasks"]
+        attempts.append([a["te_id"] for a in task["attempts"]])
+        if error is not None:  # only a request whose tokens had reached the client may fail
+            assert task["streamed"] and contents >= 1, (job, error)
+            assert victim["te_id"] in error["message"]
+            assert job["state"] == "failed"
+        else:
+            assert job["state"] == "finished", job
+    retried = [a for a in attempts if len(a) == 2]
+    assert retried and all(a[0] == victim["te_id"] and a[1] != victim["te_id"] for a in retried), attempts
+
+    # The cluster manager restarts the TE; the JE connects to the new incarnation within a second.
+    def back() -> bool:
+        te = next(t for t in cluster(http)["tes"] if t["te_id"] == victim["te_id"])
+        return te["state"] == "ready" and te["incarnation"] == victim["incarnation"] + 1
+
+    assert wait_for(back, 120, 0.1)
+    assert wait_for(lambda: victim["te_id"] in cluster(http)["job_executor"]["connected_tes"], 5, 0.05)
+    report = cluster(http)
+    te = next(t for t in report["tes"] if t["te_id"] == victim["te_id"])
+    known = report["job_executor"]["connected_tes"][victim["te_id"]]
+    assert known["incarnation"] == te["incarnation"] and te["pid"] != victim["pid"] and te["restarts"] == 1
+    assert known["known_at"] - te["ready_at"] < 1.0, (known, te)
+    other = next(t for t in before["tes"] if t["te_id"] != victim["te_id"])
+    assert te_pids(report)[other["te_id"]] == other["pid"]  # the other TE was never touched
+
+
+def test_cm_and_je_restarts_lose_no_te(server: ServerProcess, http: httpx.Client) -> None:
+    assert wait_for(lambda: all(te["state"] == "ready" for te in cluster(http)["tes"]), 120)
+    before = cluster(http)
+    pids = te_pids(before)
+    os.kill(before["cluster_manager"]["pid"], signal.SIGKILL)
+
+    def new_cm() -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            report = http.get("/v1/cluster").json()
+            return report.get("cluster_manager", {}).get("pid") not in (
+                None,
+                before["cluster_manager"]["pid"],
+            )
+        return False
+
+    assert wait_for(new_cm, 60)
+    assert wait_for(lambda: all(te["state"] == "ready" for te in cluster(http)["tes"]), 30)
+    assert te_pids(cluster(http)) == pids  # adopted, not restarted
+    os.kill(before["job_executor"]["pid"], signal.SIGKILL)
+
+    def served() -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            return (
+                http.post("/v1/chat/completions", json=chat(server.model, "Which pier?")).status_code == 200
+            )
+        return False
+
+    assert wait_for(served, 120)
+    after = cluster(http)
+    assert after["job_executor"]["pid"] != before["job_executor"]["pid"]
+    assert te_pids(after) == pids and all(alive(pid) for pid in pids.values())
+
+
+def _tiny_model_with_smollm2_tokenizer(smollm2_dir: Path, folder: Path) -> Path:
+    """A second, different model that shares SmolLM2's tokenizer (random weights, two layers)."""
+    import shutil
+
+    import torch
+    import transformers
+
+    vocab = json.loads((smollm2_dir / "config.json").read_text())["vocab_size"]
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder, safe_serialization=True)
+    for item in smollm2_dir.iterdir():
+        if item.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
+            shutil.copy(item, folder / item.name)
+    return folder
+
+
+def test_two_models_at_once_and_ctrl_c_stops_every_process(smollm2_dir: Path, tmp_path: Path) -> None:
+    tiny = _tiny_model_with_smollm2_tokenizer(smollm2_dir, tmp_path / "tiny")
+    args = smollm2_args(smollm2_dir)
+    args += ["--model", str(tiny), "--served-model-name", "smol", "--served-model-name", "tiny"]
+    server = start_server(args)
+    try:
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as http:
+            assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["smol", "tiny"]
+            report = cluster(http)
+            assert {g["model"]: g["tes"] for g in report["groups"]} == {"smol": ["te-0"], "tiny": ["te-1"]}
+            for model, te in (("smol", "te-0"), ("tiny", "te-1")):
+                reply = http.post(
+                    "/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 4}
+                )
+                assert reply.status_code == 200, reply.text
+                assert reply.headers["x-deepflow-te"] == te and reply.json()["model"] == model
+            smol = http.post("/v1/completions", json={"model": "smol", "prompt": "The capital of France is",
+                                                      "max_tokens": 3, "temperature": 0})  # fmt: skip
+            assert "Paris" in smol.json()["choices"][0]["text"]
+            pids = [
+                *te_pids(report).values(),
+                report["cluster_manager"]["pid"],
+                report["job_executor"]["pid"],
+            ]
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(timeout=90) == 0
+        assert wait_for(lambda: not any(alive(pid) for pid in pids), 10), "a process outlived the launcher"
+        assert "DeepFlow stopped" in server.log
+    finally:
+        if server.process.poll() is None:
+            server.stop()
