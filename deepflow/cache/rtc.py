@@ -30,7 +30,7 @@ import msgspec
 
 from deepflow.cache.block_pool import BlockPool
 from deepflow.cache.cost_model import PopulateCostModel
-from deepflow.cache.events import BlockRemoved, BlockStored, KVEvent, hash_blocks
+from deepflow.cache.events import AllCleared, BlockRemoved, BlockStored, KVEvent, hash_blocks
 from deepflow.cache.radix_tree import Node, RadixTree
 from deepflow.engine.contexts import ContextLimitError
 
@@ -430,6 +430,24 @@ class RelationalTensorCache:
         if not self._events:
             return []
         events, self._events = self._events, []
+        return events
+
+    def residency_snapshot(self) -> list[KVEvent]:
+        """Everything cached now, as events a fresh prompt tree can replay (a job executor that (re)joins):
+        AllCleared, then each cached node after its parent."""
+        if self._events is None:
+            return []
+        events: list[KVEvent] = [AllCleared("")]
+        for namespace, root in self.tree.roots.items():
+            stack = list(root.children.values())
+            while stack:
+                node = stack.pop()
+                if not node.hashes:
+                    continue  # not (yet) cached: nor is anything below it
+                parent = node.parent
+                parent_hash = parent.hashes[-1] if parent is not None and parent.hashes else None
+                events.append(BlockStored("", namespace, parent_hash, list(node.hashes), list(node.key)))
+                stack.extend(node.children.values())
         return events
 
     def _stored(self, parent: Node, node: Node, namespace: str) -> None:

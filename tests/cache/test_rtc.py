@@ -267,3 +267,9 @@ def test_residency_events_keep_a_job_executors_prompt_tree_in_step(ops, host) ->
             found = rtc.match_by_prefix_tokens(query_ns, query)
             cached = sum(n for _, n in found.device) * BS + found.num_host_tokens
             assert mirror.match(query_ns, query).get("te-0", 0) == cached
+        # A job executor joining now replays the snapshot and sees the same.
+        joined = GlobalPromptTree(BS, verify_hashes=True)
+        for event in rtc.residency_snapshot():
+            joined.apply(msgspec.structs.replace(event, te_id="te-0"))
+        for query_ns, query in queries:
+            assert joined.match(query_ns, query) == mirror.match(query_ns, query)

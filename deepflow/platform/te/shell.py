@@ -125,9 +125,12 @@ class TEShell:
             if orphans:
                 logger.warning("TE %s aborts %d requests of a restarted JE", self.te_id, len(orphans))
                 self._emit(EngineCoreOutputs(outputs=self.core.abort(orphans)))
-        # The new JE's load view starts now, not at the next step.
-        stats = EngineCoreOutputs(outputs=[], stats=self.core.scheduler.stats())
-        self._router.send_multipart([peer, m.encoder.encode(stats)], flags=zmq.NOBLOCK)
+        # The new JE's load view and prompt tree start now: today's stats and everything cached so far.
+        # (Events not yet taken are published with the next step; replaying one twice is harmless.)
+        state = EngineCoreOutputs(
+            outputs=[], stats=self.core.scheduler.stats(), kv_events=self.core.cache.residency_snapshot()
+        )
+        self._router.send_multipart([peer, m.encoder.encode(state)], flags=zmq.NOBLOCK)
 
     def _emit(self, batch: EngineCoreOutputs) -> None:
         per_peer: dict[bytes, list[EngineCoreOutput]] = {peer: [] for peer in self._peers}

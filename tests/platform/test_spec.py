@@ -1,0 +1,93 @@
+"""The cluster spec from the command line and from `--config cluster.yaml`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deepflow.api.cli import build_spec, parse_size
+from deepflow.cli import build_parser
+from deepflow.platform.spec import ClusterSpec, load_config
+
+
+def test_several_models_from_the_command_line(smollm2_dir: Path, tmp_path: Path) -> None:
+    argv = ["serve", "--model", str(smollm2_dir), "--model", str(smollm2_dir), "--served-model-name", "a"]
+    argv += [
+        "--served-model-name",
+        "b",
+        "--tes",
+        "2",
+        "--policy",
+        "locality",
+        "--jes",
+        "2",
+        "--dtype",
+        "float32",
+    ]
+    spec = build_spec(build_parser().parse_args(argv))
+    assert [(m.name, m.tes, m.policy, m.engine.dtype) for m in spec.models] == [
+        ("a", 2, "locality", "float32"),
+        ("b", 2, "locality", "float32"),
+    ]
+    assert spec.job_executors == 2 and spec.total_tes == 4
+    assert [(te_id, m.name) for te_id, m in spec.te_ids()] == [("te-0", "a"), ("te-1", "a"), ("te-2", "b"),
+                                                               ("te-3", "b")]  # fmt: skip
+    assert ClusterSpec.decode(spec.encode()) == spec  # what the CM and JEs receive
+    with pytest.raises(ValueError, match="unique"):
+        build_spec(
+            build_parser().parse_args(["serve", "--model", str(smollm2_dir), "--model", str(smollm2_dir)])
+        )
+    with pytest.raises(FileNotFoundError):
+        build_spec(build_parser().parse_args(["serve", "--model", str(tmp_path)]))
+
+
+def test_cluster_yaml(smollm2_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "cluster.yaml"
+    config.write_text(
+        f"""
+port: 9100
+job_executors: 2
+models:
+  - name: smol
+    model: {smollm2_dir}
+    tes: 2
+    policy: round_robin
+    engine:
+      dtype: float32
+      kv_cache_memory: 256MiB
+      max_num_seqs: 8
+  - name: smol-cached
+    model: {smollm2_dir}
+"""
+    )
+    spec = load_config(config, parse_size)
+    assert spec.port == 9100 and spec.job_executors == 2
+    smol, cached = spec.models
+    assert (smol.name, smol.tes, smol.policy) == ("smol", 2, "round_robin")
+    assert smol.engine.kv_cache_memory == 256 << 20 and smol.engine.max_num_seqs == 8
+    assert smol.engine.model == str(smollm2_dir)
+    assert (cached.tes, cached.policy, cached.engine.dtype) == (1, "combined", "bfloat16")
+    args = build_parser().parse_args(["serve", "--config", str(config), "--log-level", "warning"])
+    assert build_spec(args).models == spec.models
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("models: []", "no model"),
+        ("models:\n  - model: {m}\n    policy: fastest", "unknown policy"),
+        ("models:\n  - model: {m}\n    engine: {{warp: 9}}", "unknown settings"),
+        ("models:\n  - model: {m}\n    replicas: 2", "unknown keys"),
+        ("models:\n  - model: {m}\nports: 1", "unknown keys"),
+        ("models:\n  - model: {m}\n    tes: 0", "tes must be"),
+        ("just text", "mapping"),
+    ],
+)
+def test_bad_cluster_yaml_is_refused_clearly(
+    smollm2_dir: Path, tmp_path: Path, text: str, error: str
+) -> None:
+    config = tmp_path / "cluster.yaml"
+    config.write_text(text.format(m=smollm2_dir))
+    with pytest.raises(ValueError, match=error):
+        load_config(config, parse_size)
