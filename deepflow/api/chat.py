@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 
 import jinja2
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from starlette.requests import Request
 
 from deepflow.api.errors import invalid
@@ -22,8 +22,15 @@ from deepflow.api.protocol import (
     ChatMessage,
     Usage,
 )
-from deepflow.api.state import ServerState, finish_reason, new_id, usage_numbers
-from deepflow.api.streaming import merge, respond_when_done, sse, sse_stream
+from deepflow.api.state import EngineStream, ServedModels, ServerState, finish_reason, new_id, usage_numbers
+from deepflow.api.streaming import (
+    EngineStreamingResponse,
+    merge,
+    respond_when_done,
+    sse,
+    sse_stream,
+    submit_refused,
+)
 from deepflow.engine.outputs import RequestOutput
 from deepflow.engine.tokenizer import TokenizerError
 
@@ -47,11 +54,11 @@ def encode_chat(
 
 
 async def create_chat_completion(
-    state: ServerState, body: ChatCompletionRequest, request: Request
+    models: ServedModels, body: ChatCompletionRequest, request: Request
 ) -> Response:
     body.check_supported()
-    state.check_model(body.model)
-    context, cache_salt = state.contexts.resolve(body.context_id, body.cache_salt, body.model)
+    state = models.get(body.model)
+    context, cache_salt = state.contexts.resolve(body.context_id, body.cache_salt, state.served_model_name)
     if context is None:
         prompt_ids = encode_chat(state, body.messages)
     elif context.messages is not None:
@@ -65,18 +72,21 @@ async def create_chat_completion(
     params = body.sampling_params(max_tokens, body.num_logprobs())
     state.check_alive()
     request_id = new_id("chatcmpl")
-    stream = state.engine.generate(
-        prompt_ids,
-        params,
-        request_id,
-        priority=body.priority or 0,
-        cache_salt=cache_salt,
-        context_id=context.id if context is not None else None,
-    )
+    try:
+        stream = state.engine.submit(
+            prompt_ids,
+            params,
+            request_id,
+            priority=body.priority or 0,
+            cache_salt=cache_salt,
+            context_id=context.id if context is not None else None,
+        )
+    except Exception as exc:
+        return submit_refused(request_id, exc, streaming=body.streaming)
     run = _ChatRun(state, body, request_id, params.n)
     if body.streaming:
-        return StreamingResponse(sse_stream(request_id, run.stream(stream)), media_type="text/event-stream")
-    return await respond_when_done(request, request_id, run.collect(stream), run.response)
+        return EngineStreamingResponse(sse_stream(request_id, run.stream(stream)), [stream])
+    return await respond_when_done(request, request_id, [stream], run.collect(stream), run.response)
 
 
 class _ChatRun:
@@ -89,7 +99,7 @@ class _ChatRun:
         self.created = int(time.time())
 
     @staticmethod
-    async def collect(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    async def collect(stream: EngineStream) -> RequestOutput:
         final: RequestOutput | None = None
         merged = merge([stream])
         try:
@@ -130,7 +140,7 @@ class _ChatRun:
             usage=usage,
         )
 
-    async def stream(self, stream: AsyncIterator[RequestOutput]) -> AsyncGenerator[bytes, None]:
+    async def stream(self, stream: EngineStream) -> AsyncGenerator[bytes, None]:
         exclude = None if self.body.include_usage else {"usage"}
         final: RequestOutput | None = None
         done: set[int] = set()

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, Callable
 
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from starlette.requests import Request
 
 from deepflow.api.logprobs import CompletionLogprobsBuilder
 from deepflow.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
-from deepflow.api.state import ServerState, finish_reason, new_id, usage_numbers
-from deepflow.api.streaming import merge, respond_when_done, sse, sse_stream
+from deepflow.api.state import EngineStream, ServedModels, ServerState, finish_reason, new_id, usage_numbers
+from deepflow.api.streaming import (
+    EngineStreamingResponse,
+    merge,
+    respond_when_done,
+    sse,
+    sse_stream,
+    submit_all,
+    submit_refused,
+)
 from deepflow.engine.outputs import RequestOutput
 from deepflow.engine.sampling_params import SamplingParams
 
@@ -46,29 +54,33 @@ def _prepare_prompts(state: ServerState, body: CompletionRequest, prefix: list[i
     return out
 
 
-async def create_completion(state: ServerState, body: CompletionRequest, request: Request) -> Response:
+async def create_completion(models: ServedModels, body: CompletionRequest, request: Request) -> Response:
     body.check_supported()
-    state.check_model(body.model)
-    context, cache_salt = state.contexts.resolve(body.context_id, body.cache_salt, body.model)
+    state = models.get(body.model)
+    context, cache_salt = state.contexts.resolve(body.context_id, body.cache_salt, state.served_model_name)
     prompts = _prepare_prompts(state, body, context.token_ids if context is not None else [])
     params = body.sampling_params(body.max_tokens, body.logprobs)
     state.check_alive()
     request_id = new_id("cmpl")
-    streams = [
-        state.engine.generate(
-            p.ids,
+
+    def submission(i: int, prompt: _Prompt) -> Callable[[], EngineStream]:
+        return lambda: state.engine.submit(
+            prompt.ids,
             params,
             request_id if len(prompts) == 1 else f"{request_id}-{i}",
             priority=body.priority or 0,
             cache_salt=cache_salt,
             context_id=context.id if context is not None else None,
         )
-        for i, p in enumerate(prompts)
-    ]
+
+    try:
+        streams = submit_all(submission(i, p) for i, p in enumerate(prompts))
+    except Exception as exc:
+        return submit_refused(request_id, exc, streaming=body.streaming)
     run = _Run(state, body, params, request_id, prompts)
     if body.streaming:
-        return StreamingResponse(sse_stream(request_id, run.stream(streams)), media_type="text/event-stream")
-    return await respond_when_done(request, request_id, run.collect(streams), run.response)
+        return EngineStreamingResponse(sse_stream(request_id, run.stream(streams)), streams)
+    return await respond_when_done(request, request_id, streams, run.collect(streams), run.response)
 
 
 class _Run:
@@ -105,7 +117,7 @@ class _Run:
         )
 
     @staticmethod
-    async def collect(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    async def collect(streams: list[EngineStream]) -> list[RequestOutput]:
         finals: dict[int, RequestOutput] = {}
         merged = merge(streams)
         try:
@@ -134,7 +146,7 @@ class _Run:
         choices.sort(key=lambda c: c.index)
         return self._envelope(choices, Usage.of(*usage_numbers(finals)))
 
-    async def stream(self, streams: list[AsyncIterator[RequestOutput]]) -> AsyncGenerator[bytes, None]:
+    async def stream(self, streams: list[EngineStream]) -> AsyncGenerator[bytes, None]:
         exclude = None if self.body.include_usage else {"usage"}
         finals: dict[int, RequestOutput] = {}
         done: set[int] = set()

@@ -23,7 +23,7 @@ from deepflow.engine.async_llm import EngineDeadError
 from deepflow.engine.contexts import ContextLimitError
 
 if TYPE_CHECKING:
-    from deepflow.api.state import ServerState
+    from deepflow.api.state import ServedModels, ServerState
 
 
 @dataclass(frozen=True)
@@ -114,9 +114,10 @@ def _context_tokens(state: ServerState, body: ContextCreateRequest) -> tuple[lis
     return list(body.prompt), "prompt"
 
 
-async def create_context(state: ServerState, body: ContextCreateRequest) -> JSONResponse:
+async def create_context(models: ServedModels, body: ContextCreateRequest) -> JSONResponse:
+    """Pin the context on the engine of the body's model; it belongs to that model from then on."""
     body.check_supported()
-    state.check_model(body.model)
+    state = models.get(body.model)
     token_ids, param = _context_tokens(state, body)
     state.check_context(len(token_ids), None, param)  # a context must leave room for a request's tokens
     state.check_alive()
@@ -151,12 +152,15 @@ async def create_context(state: ServerState, body: ContextCreateRequest) -> JSON
     return JSONResponse(context.to_object().model_dump())
 
 
-def retrieve_context(state: ServerState, context_id: str) -> JSONResponse:
-    return JSONResponse(state.contexts.get(context_id).to_object().model_dump())
+def retrieve_context(models: ServedModels, context_id: str) -> JSONResponse:
+    return JSONResponse(models.contexts.get(context_id).to_object().model_dump())
 
 
-async def delete_context(state: ServerState, context_id: str) -> JSONResponse:
-    state.contexts.pop(context_id)
-    # False: the engine had already let it go (its TTL ran out a moment earlier); deleted all the same.
-    await state.engine.delete_context(context_id)
+async def delete_context(models: ServedModels, context_id: str) -> JSONResponse:
+    context = models.contexts.pop(context_id)
+    # The blocks are pinned on the engine of the model that made the context.
+    owner = models.states.get(context.model)
+    if owner is not None:
+        # False: the engine had already let it go (its TTL ran out a moment earlier); deleted all the same.
+        await owner.engine.delete_context(context_id)
     return JSONResponse(ContextDeleted(id=context_id).model_dump())

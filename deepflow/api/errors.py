@@ -88,10 +88,33 @@ def context_not_found(context_id: str) -> APIError:
     )
 
 
-def engine_dead(exc: BaseException | None = None) -> APIError:
+def engine_dead(exc: BaseException | None = None, model: str | None = None) -> APIError:
+    """503 engine_dead; naming the model tells which engine is down when the app serves several."""
     detail = f": {exc}" if exc is not None and str(exc) else ""
+    of_model = f" of model '{model}'" if model is not None else ""
     return APIError(
-        f"The inference engine is not running{detail}", status_code=503, type=UNAVAILABLE, code="engine_dead"
+        f"The inference engine{of_model} is not running{detail}",
+        status_code=503,
+        type=UNAVAILABLE,
+        code="engine_dead",
+    )
+
+
+def job_not_found(job_id: str) -> APIError:
+    return APIError(
+        f"No job with id '{job_id}' is known to this server.",
+        status_code=404,
+        param="job_id",
+        code="job_not_found",
+    )
+
+
+def platform_unavailable(detail: str) -> APIError:
+    return APIError(
+        f"The cluster state is unavailable: {detail}",
+        status_code=503,
+        type=UNAVAILABLE,
+        code="platform_unavailable",
     )
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -30,7 +31,8 @@ from deepflow.api.errors import (
     install_error_handlers,
     internal_error,
     invalid,
-    model_not_found,
+    job_not_found,
+    platform_unavailable,
 )
 from deepflow.api.metrics import HTTPMetrics
 from deepflow.api.protocol import (
@@ -45,7 +47,7 @@ from deepflow.api.protocol import (
     TokenizeResponse,
     check_messages,
 )
-from deepflow.api.state import EngineClient, ServerState, engine_alive
+from deepflow.api.state import EngineClient, PlatformView, ServedModels, ServerState, engine_alive
 
 logger = logging.getLogger(__name__)
 
@@ -132,70 +134,106 @@ def _auth_dependency(api_key: str | None) -> Any:
     return require_api_key
 
 
-def build_app(engine: EngineClient, served_model_name: str, api_key: str | None = None) -> FastAPI:
-    """The app serving `engine` as model `served_model_name`; `/v1/*` and the admin routes need `api_key`
-    when one is set."""
-    state = ServerState(
-        engine=engine, served_model_name=served_model_name, contexts=ContextRegistry(), api_key=api_key
-    )
-    metrics = HTTPMetrics()
+def _engines_by_name(
+    models: Mapping[str, EngineClient] | EngineClient, served_model_name: str | None
+) -> dict[str, EngineClient]:
+    if isinstance(models, Mapping):
+        if served_model_name is not None:
+            raise TypeError("served_model_name is for a single engine; a mapping names its models itself")
+        return dict(models)
+    if served_model_name is None:
+        raise TypeError("a single engine needs its served_model_name")
+    return {served_model_name: models}
+
+
+def build_app(
+    models: Mapping[str, EngineClient] | EngineClient,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+    *,
+    platform: PlatformView | None = None,
+) -> FastAPI:
+    """The app serving `models` (served name -> engine, the first the default for bodies without `model`),
+    or one engine as `served_model_name`; `/v1/*` and the admin routes need `api_key` when one is set.
+    `platform` (the job executor) answers the admin routes `/v1/jobs/{id}` and `/v1/cluster`."""
+    served = ServedModels(_engines_by_name(models, served_model_name), ContextRegistry(), api_key)
+    metrics = HTTPMetrics(served.engines)
     app = FastAPI(title="DeepFlow", version=__version__)
-    app.state.server = state
+    app.state.server = served
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     auth = Depends(_auth_dependency(api_key))
     v1 = APIRouter(prefix="/v1", dependencies=[auth])
 
-    def model_card() -> ModelCard:
+    def model_card(state: ServerState) -> ModelCard:
         return ModelCard(
-            id=served_model_name,
+            id=state.served_model_name,
             created=state.created,
-            root=str(engine.model_path),
-            max_model_len=engine.max_model_len,
+            root=str(state.engine.model_path),
+            max_model_len=state.max_model_len,
         )
 
     @v1.get("/models")
     async def list_models() -> JSONResponse:
-        return JSONResponse(ModelList(data=[model_card()]).model_dump(mode="json"))
+        return JSONResponse(ModelList(data=[model_card(state) for state in served]).model_dump(mode="json"))
 
     @v1.get("/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> JSONResponse:
-        if model_id != served_model_name:
-            raise model_not_found(model_id)
-        return JSONResponse(model_card().model_dump(mode="json"))
+        return JSONResponse(model_card(served.get(model_id)).model_dump(mode="json"))
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
-        return await create_completion(state, await parse_body(request, CompletionRequest), request)
+        return await create_completion(served, await parse_body(request, CompletionRequest), request)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await create_chat_completion(state, await parse_body(request, ChatCompletionRequest), request)
+        return await create_chat_completion(served, await parse_body(request, ChatCompletionRequest), request)
 
     @v1.post("/contexts")
     async def contexts_create(request: Request) -> JSONResponse:
-        return await create_context(state, await parse_body(request, ContextCreateRequest))
+        return await create_context(served, await parse_body(request, ContextCreateRequest))
 
     @v1.get("/contexts/{context_id}")
     async def contexts_retrieve(context_id: str) -> JSONResponse:
-        return retrieve_context(state, context_id)
+        return retrieve_context(served, context_id)
 
     @v1.delete("/contexts/{context_id}")
     async def contexts_delete(context_id: str) -> JSONResponse:
-        return await delete_context(state, context_id)
+        return await delete_context(served, context_id)
+
+    # Admin, under /v1 for the key: job records name tenants' requests, and the cluster view its machines.
+    @v1.get("/jobs/{job_id}")
+    async def job(job_id: str) -> JSONResponse:
+        record = platform.job(job_id) if platform is not None else None
+        if record is None:
+            raise job_not_found(job_id)
+        return JSONResponse(record)
+
+    @v1.get("/cluster")
+    async def cluster() -> JSONResponse:
+        if platform is None:
+            raise platform_unavailable("this server runs no job executor platform")
+        try:
+            view = await platform.cluster()
+        except (TimeoutError, ConnectionError) as exc:
+            detail = str(exc) or f"the cluster manager did not answer ({type(exc).__name__})"
+            raise platform_unavailable(detail) from exc
+        return JSONResponse(view)
 
     app.include_router(v1)
 
     # Admin: dropping the cache changes every tenant's latency, so it needs the key like /v1 does.
     @app.post("/reset_prefix_cache", dependencies=[auth])
     async def reset_prefix_cache() -> JSONResponse:
-        state.check_alive()
-        return JSONResponse({"reset": bool(await engine.reset_prefix_cache())})
+        for state in served:  # all or nothing: refuse before resetting any when one engine is down
+            state.check_alive()
+        results = [await state.engine.reset_prefix_cache() for state in served]
+        return JSONResponse({"reset": all(results)})
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
         body = await parse_body(request, TokenizeRequest)
-        state.check_model(body.model)
+        state = served.get(body.model)
         if body.messages is not None:
             check_messages(body.messages)
             add_generation_prompt = True if body.add_generation_prompt is None else body.add_generation_prompt
@@ -207,21 +245,22 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
                 )
             add_special = True if body.add_special_tokens is None else body.add_special_tokens
             tokens = state.tokenizer.encode(body.prompt or "", add_special_tokens=add_special)
-        out = TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=engine.max_model_len)
+        out = TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=state.max_model_len)
         return JSONResponse(out.model_dump())
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> JSONResponse:
         body = await parse_body(request, DetokenizeRequest)
-        state.check_model(body.model)
+        state = served.get(body.model)
         state.check_token_ids(body.tokens, "tokens")
         text = state.tokenizer.decode(body.tokens, skip_special_tokens=False)
         return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if not engine_alive(engine):
-            raise engine_dead()
+        for state in served:
+            if not engine_alive(state.engine):
+                raise engine_dead(model=state.served_model_name)
         return JSONResponse({"status": "ok"})
 
     @app.get("/version")
@@ -230,6 +269,6 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
-        return Response(metrics.render(engine), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -1,14 +1,15 @@
-"""What the HTTP layer needs from the engine, and the checks every generation endpoint shares.
+"""What the HTTP layer needs from engines and platform, and the checks every generation endpoint shares.
 
-The server codes against the `EngineClient` protocol, not `AsyncLLM`'s internals, so the engine core can sit
-in another process (or be faked in tests) without touching this package.
+The server codes against the `EngineClient` and `PlatformView` protocols, not `AsyncLLM`'s or the job
+executor's internals, so the engine core can sit in another process (or be faked in tests) without touching
+this package.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -24,10 +25,34 @@ if TYPE_CHECKING:  # contexts.py imports the endpoint modules, which import this
     from deepflow.api.contexts import ContextRegistry
 
 
+class EngineStream(Protocol):
+    """One submitted request's outputs (`AsyncLLM.RequestStream`): read to the end, or released/closed early,
+    which aborts it."""
+
+    te_ids: list[str]  # the TEs serving it; empty when the engine's core does not route
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]: ...
+
+    def release(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
 class EngineClient(Protocol):
     tokenizer: Tokenizer
     max_model_len: int
     model_path: Path
+
+    def submit(
+        self,
+        prompt: str | list[int],
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        context_id: str | None = None,
+    ) -> EngineStream: ...
 
     def generate(
         self,
@@ -54,6 +79,14 @@ class EngineClient(Protocol):
     async def delete_context(self, context_id: str) -> bool: ...
 
     async def reset_prefix_cache(self) -> bool: ...
+
+
+class PlatformView(Protocol):
+    """What the admin routes read from the job executor: job records and the cluster's state."""
+
+    def job(self, job_id: str) -> dict[str, Any] | None: ...
+
+    async def cluster(self) -> dict[str, Any]: ...
 
 
 def engine_alive(engine: Any) -> bool:
@@ -88,7 +121,7 @@ class ServerState:
 
     def check_alive(self) -> None:
         if not engine_alive(self.engine):
-            raise engine_dead()
+            raise engine_dead(model=self.served_model_name)
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         """Out-of-vocabulary ids would index past the embedding table inside the engine."""
@@ -121,6 +154,39 @@ class ServerState:
                 param=param,
                 code="context_length_exceeded",
             )
+
+
+class ServedModels:
+    """The app's models by served name (order kept; the first answers bodies without `model`), sharing one
+    context registry so that a context named with the wrong model is refused rather than unknown."""
+
+    def __init__(
+        self, engines: Mapping[str, EngineClient], contexts: ContextRegistry, api_key: str | None = None
+    ) -> None:
+        if not engines:
+            raise ValueError("an app serves at least one model")
+        self.contexts = contexts
+        self.states = {
+            name: ServerState(engine=engine, served_model_name=name, contexts=contexts, api_key=api_key)
+            for name, engine in engines.items()
+        }
+        self.default = next(iter(self.states.values()))
+
+    def __iter__(self) -> Iterator[ServerState]:
+        return iter(self.states.values())
+
+    def get(self, model: str | None) -> ServerState:
+        """The state of `model` (the default when None), or OpenAI's 404 model_not_found."""
+        if model is None:
+            return self.default
+        state = self.states.get(model)
+        if state is None:
+            raise model_not_found(model)
+        return state
+
+    @property
+    def engines(self) -> dict[str, EngineClient]:
+        return {name: state.engine for name, state in self.states.items()}
 
 
 def new_id(prefix: str) -> str:

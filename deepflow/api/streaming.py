@@ -1,7 +1,8 @@
 """Server-sent events and the plumbing that ties a request's lifetime to its HTTP connection.
 
-Whatever ends a response early (client gone, error, server shutdown), every engine stream must be closed:
-closing an `AsyncLLM.generate` iterator aborts the request in the engine and frees its KV blocks.
+Requests are submitted to the engine before the response starts (so the TE serving them is known for the
+`x-deepflow-te` header). From then on, whatever ends a response early (client gone, error, server shutdown),
+every submitted stream must be released: that aborts the request in the engine and frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -10,14 +11,16 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
 
 from deepflow.api.errors import APIError, engine_dead, internal_error, invalid
+from deepflow.api.state import EngineStream
 from deepflow.engine.async_llm import EngineDeadError
 
 logger = logging.getLogger(__name__)
@@ -25,6 +28,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DONE = b"data: [DONE]\n\n"
+SSE_MEDIA_TYPE = "text/event-stream"
+TE_HEADER = "x-deepflow-te"
 _END = object()
 
 
@@ -41,14 +46,80 @@ def sse_error(error: APIError) -> bytes:
     return b"data: " + json.dumps(error.body()).encode() + b"\n\n"
 
 
-async def _close(stream: AsyncIterator[Any]) -> None:
+def engine_error(exc: BaseException) -> APIError | None:
+    """The OpenAI error an engine failure is answered with; None for anything else (a bug: a 500)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineDeadError):
+        return engine_dead(exc)
+    if isinstance(exc, ValueError):  # the engine refused the prompt or the parameters
+        return invalid(str(exc))
+    return None
+
+
+# ---- submitting -----------------------------------------------------------------------------------------
+def release_all(streams: Iterable[EngineStream]) -> None:
+    for stream in streams:
+        stream.release()
+
+
+def submit_all(submissions: Iterable[Callable[[], EngineStream]]) -> list[EngineStream]:
+    """Submit one request after another; when one is refused, those already submitted (a batch's earlier
+    prompts) are released before the error propagates, so nothing keeps running for a failed request."""
+    streams: list[EngineStream] = []
+    try:
+        for submit in submissions:
+            streams.append(submit())
+    except BaseException:
+        release_all(streams)
+        raise
+    return streams
+
+
+def te_headers(streams: Iterable[EngineStream]) -> dict[str, str]:
+    """`x-deepflow-te`: the distinct TEs serving the request's streams, in order; none named, no header."""
+    te_ids = dict.fromkeys(te_id for stream in streams for te_id in stream.te_ids)
+    return {TE_HEADER: ",".join(te_ids)} if te_ids else {}
+
+
+def submit_refused(request_id: str, exc: Exception, *, streaming: bool) -> Response:
+    """The answer to a request the engine refused at submit time, shaped as when the refusal surfaced only
+    after the response had started: an OpenAI error, or for a stream an error event then `[DONE]`."""
+    error = engine_error(exc)
+    if not streaming:
+        if error is None:
+            raise exc  # a bug: the app's handlers log it and answer 500
+        raise error from exc
+    if error is None:
+        logger.error("%s: submit failed", request_id, exc_info=exc)
+        error = internal_error(exc)
+    return StreamingResponse(iter((sse_error(error), DONE)), media_type=SSE_MEDIA_TYPE)
+
+
+class EngineStreamingResponse(StreamingResponse):
+    """An SSE response over submitted streams that releases them however the response ends. Closing the body
+    generator is not enough: a client gone before the first byte cancels the response before the generator
+    ever starts, and an unstarted generator runs no `finally`."""
+
+    def __init__(self, content: AsyncGenerator[bytes, None], streams: Sequence[EngineStream]) -> None:
+        super().__init__(content, media_type=SSE_MEDIA_TYPE, headers=te_headers(streams))
+        self.streams = streams
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            release_all(self.streams)  # idempotent: streams read to the end were released already
+
+
+async def _close(stream: AsyncIterable[Any]) -> None:
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:
         with contextlib.suppress(RuntimeError):  # already running elsewhere: its task's cancel closes it
             await aclose()
 
 
-async def merge(streams: Sequence[AsyncIterator[T]]) -> AsyncGenerator[tuple[int, T], None]:
+async def merge(streams: Sequence[AsyncIterable[T]]) -> AsyncGenerator[tuple[int, T], None]:
     """Interleave several streams as items arrive, tagged with the stream's index.
 
     One stream is passed through. On exit of any kind every stream is closed (its request aborted).
@@ -62,7 +133,7 @@ async def merge(streams: Sequence[AsyncIterator[T]]) -> AsyncGenerator[tuple[int
         return
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncIterator[T]) -> None:
+    async def pump(index: int, stream: AsyncIterable[T]) -> None:
         try:
             async for item in stream:
                 queue.put_nowait((index, item))
@@ -115,9 +186,14 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 
 async def respond_when_done(
-    request: Request, request_id: str, work: Awaitable[T], build: Callable[[T], BaseModel]
+    request: Request,
+    request_id: str,
+    streams: Sequence[EngineStream],
+    work: Awaitable[T],
+    build: Callable[[T], BaseModel],
 ) -> Response:
-    """The non-streaming answer: await the engine, map its failures to OpenAI errors, serialize the body."""
+    """The non-streaming answer: await `work` (which reads `streams`), map engine failures to OpenAI errors,
+    serialize the body. The streams are released in the end even if `work` never got to run."""
     try:
         result = await unless_disconnected(request, work)
     except ClientDisconnected:
@@ -127,7 +203,9 @@ async def respond_when_done(
         raise engine_dead(exc) from exc
     except ValueError as exc:
         raise invalid(str(exc)) from exc
-    return JSONResponse(build(result).model_dump(mode="json"))
+    finally:
+        release_all(streams)
+    return JSONResponse(build(result).model_dump(mode="json"), headers=te_headers(streams))
 
 
 async def sse_stream(request_id: str, events: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
@@ -136,15 +214,12 @@ async def sse_stream(request_id: str, events: AsyncGenerator[bytes, None]) -> As
     try:
         async for event in events:
             yield event
-    except APIError as err:
-        yield sse_error(err)
-    except EngineDeadError as exc:
-        yield sse_error(engine_dead(exc))
-    except ValueError as exc:
-        yield sse_error(invalid(str(exc)))
     except Exception as exc:
-        logger.exception("%s: stream failed", request_id)
-        yield sse_error(internal_error(exc))
+        error = engine_error(exc)
+        if error is None:
+            logger.exception("%s: stream failed", request_id)
+            error = internal_error(exc)
+        yield sse_error(error)
     finally:
         await events.aclose()
     yield DONE

@@ -33,25 +33,65 @@ class ContextCall:
     cache_salt: str | None
 
 
+class FakeStream:
+    """A submitted request, like `AsyncLLM`'s RequestStream: yields its one output, then releases itself;
+    `release`/`aclose` end it early. `released` is what leak checks read."""
+
+    def __init__(self, request_id: str, output: RequestOutput, te_ids: list[str]) -> None:
+        self.request_id = request_id
+        self.te_ids = te_ids
+        self.released = False
+        self._pending: list[RequestOutput] = [output]
+
+    def __aiter__(self) -> FakeStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.released or not self._pending:
+            raise StopAsyncIteration
+        output = self._pending.pop(0)
+        if not self._pending:
+            self.release()  # read to the end: released, as the real stream does
+        return output
+
+    def release(self) -> None:
+        self.released = True
+
+    async def aclose(self) -> None:
+        self.release()
+
+
 class FakeEngine:
     """Answers every request with the tokens of " Paris." (or fails, per `mode`), recording what it got.
 
     Modes: "ok", "dead" (EngineDeadError), "boom" (RuntimeError), "abort" (an engine-side abort),
-    "limit" (create_context hits the pinned-token cap), "bad" (create_context refuses the input)."""
+    "limit" (create_context hits the pinned-token cap), "bad" (create_context refuses the input).
+    `te_ids` names the TEs every stream reports (`route`, given a submit's index in `calls`, overrides it
+    per stream); `refuse_call` makes the submit that would be `calls[i]` raise ValueError (a prompt refused
+    mid-batch)."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, model_path: str = "/models/fake-model") -> None:
         self.tokenizer = tokenizer
         self.max_model_len = 64
-        self.model_path = Path("/models/fake-model")
+        self.model_path = Path(model_path)
         self.mode = "ok"
         self.alive = True
         self.cached_tokens = 3
+        self.te_ids: list[str] = []
+        self.route: Callable[[int], list[str]] | None = None
+        self.refuse_call: int | None = None
         self.clock: Callable[[], float] = time.time
         self.calls: list[Call] = []
+        self.streams: list[FakeStream] = []
         self.context_calls: list[ContextCall] = []
         self.pinned: set[str] = set()
         self.deleted: list[str] = []
         self.resets = 0
+
+    @property
+    def open_streams(self) -> list[FakeStream]:
+        """Submitted and never released: a leak once the response is over."""
+        return [s for s in self.streams if not s.released]
 
     def is_alive(self) -> bool:
         return self.alive
@@ -69,13 +109,40 @@ class FakeEngine:
         cache_salt: str | None = None,
         context_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
+        stream = self.submit(
+            prompt,
+            sampling_params,
+            request_id,
+            priority=priority,
+            cache_salt=cache_salt,
+            context_id=context_id,
+        )
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.release()
+
+    def submit(
+        self,
+        prompt: str | list[int],
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        context_id: str | None = None,
+    ) -> FakeStream:
         params = sampling_params or SamplingParams()
         assert isinstance(prompt, list)
+        index = len(self.calls)
         self.calls.append(Call(prompt, params, request_id, priority, cache_salt, context_id))
         if self.mode == "dead":
             raise EngineDeadError("engine process exited with code -9")
         if self.mode == "boom":
             raise RuntimeError("kaboom")
+        if index == self.refuse_call:
+            raise ValueError(f"the engine refuses submit {index}")
         ids = self.tokenizer.encode(" Paris.", add_special_tokens=False)
         lps = [Logprobs(i, -0.5, 1, [i], [-0.5]) for i in ids] if params.logprobs is not None else None
         reason = "abort" if self.mode == "abort" else "stop"
@@ -92,7 +159,11 @@ class FakeEngine:
             )
             for k in range(params.n)
         ]
-        yield RequestOutput(request_id or "r", None, prompt, outputs, num_cached_tokens=self.cached_tokens)
+        output = RequestOutput(request_id or "r", None, prompt, outputs, num_cached_tokens=self.cached_tokens)
+        te_ids = self.route(index) if self.route is not None else list(self.te_ids)
+        stream = FakeStream(request_id or "r", output, te_ids)
+        self.streams.append(stream)
+        return stream
 
     async def create_context(
         self,
