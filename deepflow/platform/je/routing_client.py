@@ -161,7 +161,10 @@ class RoutingCoreClient:
         self._requests[request.request_id] = request
         self._owner[request.request_id] = te
         te.requests.add(request.request_id)
-        te.routed_tokens += len(request.prompt_token_ids) + (request.sampling_params.max_tokens or 0)
+        # Work owed until the TE's next report: what it will not find cached, plus the outputs.
+        matched = self.decisions[-1][1].matched_tokens if self.decisions else 0
+        uncached = max(1, len(request.prompt_token_ids) - matched)
+        te.routed_tokens += uncached + (request.sampling_params.max_tokens or 0)
         if request.create_context is not None:
             self._context_owner[request.create_context.context_id] = te
 
