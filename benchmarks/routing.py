@@ -119,6 +119,9 @@ def run_policy(policy: str, args: argparse.Namespace, out: Path) -> dict[str, An
         wall = time.perf_counter() - t0
         after = scrape(server.url)
         cold_start = server.cold_start_s
+        reasons = httpx.get(server.url + "/v1/cluster", timeout=30.0).json()["job_executor"][
+            "routing_reasons"
+        ]
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
     s = result.summary
     queries = delta.get(QUERIES)
@@ -134,6 +137,7 @@ def run_policy(policy: str, args: argparse.Namespace, out: Path) -> dict[str, An
         "output_throughput": s.output_throughput,
         "failed": s.failed,
         "errors": s.errors,
+        "routing_reasons": {k: v for per_model in reasons.values() for k, v in per_model.items()},
         "metrics_delta": delta,
         "bench": result.to_dict(),
     }
@@ -143,31 +147,58 @@ def _f(x: float | None, digits: int = 1) -> str:
     return "n/a" if x is None else f"{x:,.{digits}f}"
 
 
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    rr = next((r for r in results if r["policy"] == "round_robin"), None)
-    base = rr["ttft_mean_ms"] if rr else None
+    """One row per policy: means over the rounds; "vs RR" per round (that round's round-robin)."""
+    rounds = sorted({r["round"] for r in results})
+    rr = {r["round"]: r["ttft_mean_ms"] for r in results if r["policy"] == "round_robin"}
     lines = [
-        "| policy | hit rate | TTFT mean (ms) | TTFT p99 (ms) | out tok/s | TTFT mean vs RR | failed |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| policy | hit rate | TTFT mean (ms) | TTFT p99 (ms) | out tok/s | TTFT mean vs RR (per round) "
+        "| routing reasons | failed |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
     ]
-    for r in results:
-        ratio = r["ttft_mean_ms"] / base if base and r["ttft_mean_ms"] is not None else None
-        hit = "n/a" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
+    for policy in dict.fromkeys(r["policy"] for r in results):
+        runs = [r for r in results if r["policy"] == policy]
+        ratios = [
+            r["ttft_mean_ms"] / rr[r["round"]]
+            for r in runs
+            if rr.get(r["round"]) and r["ttft_mean_ms"] is not None
+        ]
+        reasons: dict[str, int] = {}
+        for r in runs:
+            for reason, count in r["routing_reasons"].items():
+                reasons[reason] = reasons.get(reason, 0) + count
+        hit = _mean([r["hit_rate"] for r in runs])
+        ttft, p99 = _mean([r["ttft_mean_ms"] for r in runs]), _mean([r["ttft_p99_ms"] for r in runs])
+        tok_s = _mean([r["output_throughput"] for r in runs])
         lines.append(
-            f"| {r['policy']} | {hit} | {_f(r['ttft_mean_ms'])} | {_f(r['ttft_p99_ms'])} "
-            f"| {_f(r['output_throughput'])} | {_f(ratio, 2)} | {r['failed']} |"
+            f"| {policy} | {'n/a' if hit is None else f'{hit:.3f}'} | {_f(ttft)} | {_f(p99)} | {_f(tok_s)} "
+            f"| {' / '.join(f'{x:.2f}' for x in ratios) or 'n/a'} "
+            f"| {', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))} "
+            f"| {sum(r['failed'] for r in runs)} |"
         )
+    if len(rounds) > 1:
+        lines.append("")
+        lines.append(f"({len(rounds)} rounds, policy order rotated each round)")
     return "\n".join(lines)
 
 
 def notes(results: list[dict[str, Any]]) -> list[str]:
-    by = {r["policy"]: r for r in results}
     out = []
-    if "combined" in by and "round_robin" in by:
-        c, rr = by["combined"]["ttft_mean_ms"], by["round_robin"]["ttft_mean_ms"]
-        if c is not None and rr is not None:
-            verdict = "met" if c < rr else "MISSED"
-            out.append(f"combined vs round_robin mean TTFT: {c:.1f} vs {rr:.1f} ms (target lower: {verdict})")
+    for round_ in sorted({r["round"] for r in results}):
+        by = {r["policy"]: r for r in results if r["round"] == round_}
+        if "combined" in by and "round_robin" in by:
+            c, rr = by["combined"]["ttft_mean_ms"], by["round_robin"]["ttft_mean_ms"]
+            if c is not None and rr is not None:
+                verdict = "met" if c < rr else "MISSED"
+                out.append(
+                    f"round {round_}: combined vs round_robin mean TTFT: {c:.1f} vs {rr:.1f} ms "
+                    f"(target lower: {verdict})"
+                )
     for r in results:
         if r["failed"]:
             out.append(f"WARNING: {r['policy']}: {r['failed']} requests failed: {r['errors']}")
@@ -191,6 +222,7 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8310)
     p.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=1, help="sweeps over the policies, order rotated each time")
     p.add_argument("--startup-timeout", type=float, default=180.0)
     p.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results/routing-DATE")
     args = p.parse_args()
@@ -201,10 +233,12 @@ def main() -> None:
     out = args.out_dir or ROOT / "benchmarks" / "results" / f"routing-{datetime.now():%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for policy in args.policies:
-        results.append(run_policy(policy, args, out))
-        r = results[-1]
-        log(f"{policy}: hit rate {r['hit_rate']}, TTFT {r['ttft_mean_ms']} ms, {r['bench_wall_s']:.1f} s")
+    for round_ in range(args.rounds):
+        shift = round_ % len(args.policies)
+        for policy in args.policies[shift:] + args.policies[:shift]:
+            results.append({"round": round_, **run_policy(policy, args, out)})
+            r = results[-1]
+            log(f"{policy}: hit rate {r['hit_rate']}, TTFT {r['ttft_mean_ms']} ms, {r['bench_wall_s']:.1f} s")
     header = (
         f"{args.tes} TEs; {args.conversations} conversations x {args.turns} turns, system prompt "
         f"{args.prefix_len}, user turns {args.input_len}, output {args.output_len} tokens, concurrency "

@@ -37,7 +37,7 @@ from deepflow.engine.tokenizer import TokenizerError
 logger = logging.getLogger(__name__)
 
 
-def encode_chat(
+async def encode_chat(
     state: ServerState,
     messages: list[ChatMessage],
     add_generation_prompt: bool = True,
@@ -50,7 +50,7 @@ def encode_chat(
         )
     except (TokenizerError, jinja2.TemplateError, ValueError, TypeError) as exc:
         raise invalid(f"Could not apply the chat template: {exc}", param="messages") from exc
-    return state.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    return await state.encode(text, add_special_tokens=add_special_tokens)
 
 
 async def create_chat_completion(
@@ -60,13 +60,13 @@ async def create_chat_completion(
     state = models.get(body.model)
     context, cache_salt = state.contexts.resolve(body.context_id, body.cache_salt, state.served_model_name)
     if context is None:
-        prompt_ids = encode_chat(state, body.messages)
+        prompt_ids = await encode_chat(state, body.messages)
     elif context.messages is not None:
         # One conversation, rendered whole: the template places the context's turns (its system prompt
         # above all) where it wants them; the engine reuses whatever prefix still matches the context.
-        prompt_ids = encode_chat(state, [*context.messages, *body.messages])
+        prompt_ids = await encode_chat(state, [*context.messages, *body.messages])
     else:
-        prompt_ids = context.token_ids + encode_chat(state, body.messages)
+        prompt_ids = context.token_ids + await encode_chat(state, body.messages)
     max_tokens = body.max_new_tokens()
     state.check_context(len(prompt_ids), max_tokens, "messages")
     params = body.sampling_params(max_tokens, body.num_logprobs())

@@ -120,6 +120,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--jes", type=_positive_int, default=1, help="job executors (HTTP processes) on the port")
     p.add_argument(
+        "--tokenizer-workers",
+        type=_non_negative_int,
+        default=None,
+        help="tokenizer processes per model in each job executor (default: 0 below 8 cores, else up to 4)",
+    )
+    p.add_argument(
         "--standalone",
         action="store_true",
         help="no platform: one HTTP process over one engine process (the plain server)",
@@ -206,6 +212,7 @@ def build_spec(args: argparse.Namespace) -> Any:
         host=args.host,
         port=args.port,
         job_executors=args.jes,
+        tokenizer_workers=args.tokenizer_workers,
         shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level,
     )

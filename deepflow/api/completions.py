@@ -35,7 +35,7 @@ class _Prompt:
         self.ids = ids
 
 
-def _prepare_prompts(state: ServerState, body: CompletionRequest, prefix: list[int]) -> list[_Prompt]:
+async def _prepare_prompts(state: ServerState, body: CompletionRequest, prefix: list[int]) -> list[_Prompt]:
     """Each prompt's engine tokens: `prefix` (a context's tokens) then the prompt's own; echo shows only the
     prompt's own text, the part the client sent."""
     prompts = body.prompts()
@@ -44,7 +44,7 @@ def _prepare_prompts(state: ServerState, body: CompletionRequest, prefix: list[i
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
         if isinstance(prompt, str):
             # After a context the text continues a sequence: no second BOS in the middle of it.
-            ids = state.tokenizer.encode(prompt, add_special_tokens=not prefix)
+            ids = await state.encode(prompt, add_special_tokens=not prefix)
             out.append(_Prompt(prompt, prefix + ids))
         else:
             state.check_token_ids(prompt, param)
@@ -58,7 +58,7 @@ async def create_completion(models: ServedModels, body: CompletionRequest, reque
     body.check_supported()
     state = models.get(body.model)
     context, cache_salt = state.contexts.resolve(body.context_id, body.cache_salt, state.served_model_name)
-    prompts = _prepare_prompts(state, body, context.token_ids if context is not None else [])
+    prompts = await _prepare_prompts(state, body, context.token_ids if context is not None else [])
     params = body.sampling_params(body.max_tokens, body.logprobs)
     state.check_alive()
     request_id = new_id("cmpl")
@@ -67,7 +67,7 @@ async def create_completion(models: ServedModels, body: CompletionRequest, reque
         return lambda: state.engine.submit(
             prompt.ids,
             params,
-            request_id if len(prompts) == 1 else f"{request_id}-{i}",
+            request_id if len(prompts) == 1 else f"{request_id}#p{i}",  # one job: the response id
             priority=body.priority or 0,
             cache_salt=cache_salt,
             context_id=context.id if context is not None else None,

@@ -102,13 +102,13 @@ class ContextRegistry:
         return context, context.cache_salt
 
 
-def _context_tokens(state: ServerState, body: ContextCreateRequest) -> tuple[list[int], str]:
+async def _context_tokens(state: ServerState, body: ContextCreateRequest) -> tuple[list[int], str]:
     """The context's prompt and the parameter it came from. Messages are rendered without the generation
     prompt: requests continue the conversation, so the assistant header belongs to them."""
     if body.messages is not None:
-        return encode_chat(state, body.messages, add_generation_prompt=False), "messages"
+        return await encode_chat(state, body.messages, add_generation_prompt=False), "messages"
     if isinstance(body.prompt, str):
-        return state.tokenizer.encode(body.prompt), "prompt"
+        return await state.encode(body.prompt), "prompt"
     assert body.prompt is not None
     state.check_token_ids(body.prompt, "prompt")
     return list(body.prompt), "prompt"
@@ -118,7 +118,7 @@ async def create_context(models: ServedModels, body: ContextCreateRequest) -> JS
     """Pin the context on the engine of the body's model; it belongs to that model from then on."""
     body.check_supported()
     state = models.get(body.model)
-    token_ids, param = _context_tokens(state, body)
+    token_ids, param = await _context_tokens(state, body)
     state.check_context(len(token_ids), None, param)  # a context must leave room for a request's tokens
     state.check_alive()
     created = int(state.contexts.clock())

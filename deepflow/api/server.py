@@ -237,14 +237,16 @@ def build_app(
         if body.messages is not None:
             check_messages(body.messages)
             add_generation_prompt = True if body.add_generation_prompt is None else body.add_generation_prompt
-            tokens = encode_chat(state, body.messages, add_generation_prompt, bool(body.add_special_tokens))
+            tokens = await encode_chat(
+                state, body.messages, add_generation_prompt, bool(body.add_special_tokens)
+            )
         else:
             if body.add_generation_prompt is not None:
                 raise invalid(
                     "'add_generation_prompt' applies to 'messages' only", param="add_generation_prompt"
                 )
             add_special = True if body.add_special_tokens is None else body.add_special_tokens
-            tokens = state.tokenizer.encode(body.prompt or "", add_special_tokens=add_special)
+            tokens = await state.encode(body.prompt or "", add_special_tokens=add_special)
         out = TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=state.max_model_len)
         return JSONResponse(out.model_dump())
 

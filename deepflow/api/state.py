@@ -111,6 +111,13 @@ class ServerState:
     def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, in the engine's tokenizer pool when it has one (off the event loop)."""
+        pool = getattr(self.engine, "tokenizer_pool", None)
+        if pool is not None:
+            return await pool.encode(text, add_special_tokens=add_special_tokens)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len

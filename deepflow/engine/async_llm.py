@@ -28,7 +28,7 @@ from deepflow.engine.metrics import EngineMetrics
 from deepflow.engine.outputs import OutputProcessor, RequestOutput, RequestState
 from deepflow.engine.request import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
 from deepflow.engine.sampling_params import SamplingParams
-from deepflow.engine.tokenizer import Tokenizer
+from deepflow.engine.tokenizer import TokenizerPool
 
 __all__ = ["AsyncLLM", "EngineDeadError", "RequestStream"]
 
@@ -102,8 +102,10 @@ class AsyncLLM:
         *,
         in_process: bool = False,
         model_name: str | None = None,
+        tokenizer_workers: int = 0,
     ) -> None:
-        """`in_process`: run the core on a thread here instead of in its own process."""
+        """`in_process`: run the core on a thread here instead of in its own process.
+        `tokenizer_workers`: processes that tokenize prompts for the HTTP edge (0: inline)."""
         self.config = config or EngineConfig()
         if client is None:
             client = InprocEngineCoreClient(self.config) if in_process else MPEngineCoreClient(self.config)
@@ -111,7 +113,8 @@ class AsyncLLM:
         self.model_path = self.client.model_path
         self.metrics = EngineMetrics(model_name or self.model_path.name)
         self._timings: dict[str, _Timing] = {}
-        self.tokenizer = Tokenizer(self.model_path)
+        self.tokenizer_pool = TokenizerPool(self.model_path, workers=tokenizer_workers)
+        self.tokenizer = self.tokenizer_pool.tokenizer
         self.eos_token_ids = sorted(set(self.tokenizer.eos_token_ids) | set(self.client.eos_token_ids))
         self.max_model_len = self.client.max_model_len
         self._processor = OutputProcessor()
@@ -311,6 +314,11 @@ class AsyncLLM:
         self.client.send(ResetPrefixCache())
         return True
 
+    def start(self) -> None:
+        """Begin consuming the core's outputs now rather than at the first request (needs a running loop):
+        a routed core streams stats and cache events from the start."""
+        self._ensure_output_task()
+
     def _ensure_output_task(self) -> None:
         if self._output_task is None or self._output_task.done():
             self._output_task = asyncio.get_running_loop().create_task(self._output_loop())
@@ -376,6 +384,7 @@ class AsyncLLM:
         if self._output_task is not None:
             self._output_task.cancel()
         self.client.shutdown()
+        self.tokenizer_pool.close()
 
 
 def _finish_reason(state: RequestState) -> str:

@@ -83,6 +83,7 @@ class JobTracker:
         self.jobs: dict[str, Job] = {}
         self.max_finished = max_finished
         self._finished: deque[str] = deque()
+        self.changed: set[str] = set()  # job ids changed since the last `take_changed` (for a job store)
 
     def create(
         self,
@@ -102,6 +103,7 @@ class JobTracker:
         for _ in range(num_tasks):
             self.add_task(job, kind)
         self.jobs[job_id] = job
+        self.changed.add(job_id)
         return job
 
     def add_task(self, job: Job, kind: str = "colocated") -> Task:
@@ -135,6 +137,7 @@ class JobTracker:
         task.history.append((state, now))
         task.error = error if error is not None else task.error
         self._follow(job, now)
+        self.changed.add(job.job_id)
 
     def _follow(self, job: Job, now: float) -> None:
         states = {t.state for t in job.tasks}
@@ -153,6 +156,11 @@ class JobTracker:
                 self._finished.append(job.job_id)
                 while len(self._finished) > self.max_finished:
                     self.jobs.pop(self._finished.popleft(), None)
+
+    def take_changed(self) -> list[Job]:
+        """The jobs changed since the last call that are still held."""
+        changed, self.changed = self.changed, set()
+        return [job for job_id in changed if (job := self.jobs.get(job_id)) is not None]
 
     def forget(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)

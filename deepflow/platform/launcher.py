@@ -9,6 +9,7 @@ streams for `shutdown_timeout` seconds), then the CM (which stops its TEs), then
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -28,7 +29,7 @@ from deepflow.platform.spec import ClusterSpec
 
 logger = logging.getLogger("deepflow.serve")
 
-RESTART_DELAY = 0.5
+RESTART_BACKOFF = (0.5, 30.0)  # first delay, cap: doubled for each restart within a minute
 
 
 def _url(host: str, port: int) -> str:
@@ -41,6 +42,9 @@ class Launcher:
         self.api_key = api_key
         self.run_dir = Path(tempfile.mkdtemp(prefix="deepflow-"))
         self.stop_requested = threading.Event()
+        self.force = threading.Event()  # a second Ctrl-C: kill instead of waiting
+        self._restarts: dict[str, list[float]] = {}  # process name -> recent exit times
+        self._restart_at: dict[str, float] = {}
         family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
         self.listener = socket.create_server((spec.host, spec.port), family=family, backlog=2048)
         self.listener.set_inheritable(True)
@@ -86,18 +90,29 @@ class Launcher:
         logger.info("job executor %s started (pid %d)", je_id, self.jes[je_id].pid)
 
     def supervise_once(self) -> None:
-        """Restart the CM or a JE that exited while we were not stopping."""
-        if self.cm is not None and self.cm.poll() is not None:
-            logger.warning("cluster manager exited with code %s; restarting it", self.cm.returncode)
-            time.sleep(RESTART_DELAY)
+        """Restart the CM or a JE that exited while we were not stopping (with a backoff)."""
+        if self.cm is not None and self._due("cluster manager", self.cm):
             self.start_cm()
         for je_id, process in list(self.jes.items()):
-            if process.poll() is not None:
-                logger.warning(
-                    "job executor %s exited with code %s; restarting it", je_id, process.returncode
-                )
-                time.sleep(RESTART_DELAY)
+            if self._due(f"job executor {je_id}", process):
                 self.start_je(je_id)
+
+    def _due(self, name: str, process: subprocess.Popen[bytes]) -> bool:
+        """True when `process` exited and its restart delay has passed."""
+        if process.poll() is None:
+            return False
+        now = time.monotonic()
+        if name not in self._restart_at:
+            recent = [t for t in self._restarts.get(name, []) if now - t < 60] + [now]
+            self._restarts[name] = recent
+            first, cap = RESTART_BACKOFF
+            delay = min(cap, first * 2 ** (len(recent) - 1))
+            self._restart_at[name] = now + delay
+            logger.warning("%s exited with code %s; restarting it in %.1f s", name, process.returncode, delay)
+        if now < self._restart_at[name]:
+            return False
+        del self._restart_at[name]
+        return True
 
     def wait_ready(self, timeout: float = 900.0) -> bool:
         """Until /health answers 200 (every model has a live TE behind a serving JE), or a stop."""
@@ -117,7 +132,7 @@ class Launcher:
         names = ",".join(m.name for m in self.spec.models)
         logger.info("starting DeepFlow for model %s on %s", names, self.url)
         signals = (signal.SIGINT, signal.SIGTERM)
-        previous = {sig: signal.signal(sig, lambda *_: self.stop_requested.set()) for sig in signals}
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
         try:
             self.start_cm()
             for i in range(self.spec.job_executors):
@@ -136,15 +151,21 @@ class Launcher:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def _on_signal(self, *_: object) -> None:
+        if self.stop_requested.is_set():
+            logger.warning("second stop signal: killing every process now")
+            self.force.set()
+        self.stop_requested.set()
+
     def stop(self) -> None:
         logger.info("shutting the platform down")
         for process in self.jes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        _wait_all(list(self.jes.values()), self.spec.shutdown_timeout + 10)
+        _wait_all(list(self.jes.values()), self.spec.shutdown_timeout + 10, self.force)
         if self.cm is not None and self.cm.poll() is None:
             self.cm.send_signal(signal.SIGTERM)
-            _wait_all([self.cm], 40)
+            _wait_all([self.cm], 40, self.force)
         os.close(self._lifeline_write)  # whatever is left (e.g. TEs of a CM that died) stops now
         self.listener.close()
         time.sleep(0.2)
@@ -152,12 +173,14 @@ class Launcher:
         logger.info("DeepFlow stopped")
 
 
-def _wait_all(processes: list[subprocess.Popen[bytes]], timeout: float) -> None:
+def _wait_all(processes: list[subprocess.Popen[bytes]], timeout: float, force: threading.Event) -> None:
+    """Wait for every process to exit; kill those still running at the deadline or when `force` is set."""
     deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in processes) and time.monotonic() < deadline and not force.is_set():
+        time.sleep(0.05)
     for process in processes:
-        try:
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        if process.poll() is None:
             logger.warning("pid %d did not stop in time; killing it", process.pid)
             kill_quietly(process.pid)
-            process.wait(timeout=5)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)

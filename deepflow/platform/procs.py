@@ -66,6 +66,17 @@ def pid_alive(pid: int | None) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+def cmdline(pid: int | None) -> list[str]:
+    """The command line of a running process ([] when unknown): tells our process from a reused pid."""
+    if pid is None or pid <= 0:
+        return []
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return raw.decode(errors="replace").split("\0")
+
+
 def kill_quietly(pid: int | None, sig: int = signal.SIGKILL) -> None:
     if pid:
         with contextlib.suppress(ProcessLookupError, PermissionError):

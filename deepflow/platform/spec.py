@@ -45,6 +45,7 @@ class ClusterSpec(msgspec.Struct, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8000
     job_executors: int = 1
+    tokenizer_workers: int | None = None  # per model in each JE; None: sized to the machine (0 below 8 cores)
     shutdown_timeout: int = 10
     log_level: str = "info"
 
@@ -128,7 +129,9 @@ def load_config(path: str | os.PathLike[str], parse_size: Any) -> ClusterSpec:
                 policy=str(entry.get("policy", "combined")),
             )
         )
-    extra = sorted(set(raw) - {"host", "port", "job_executors", "shutdown_timeout", "log_level"})
+    extra = sorted(
+        set(raw) - {"host", "port", "job_executors", "tokenizer_workers", "shutdown_timeout", "log_level"}
+    )
     if extra:
         raise ValueError(f"{path}: unknown keys {extra}")
     spec = ClusterSpec(models=models, **raw)

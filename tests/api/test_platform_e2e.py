@@ -55,6 +55,9 @@ def test_batch_names_every_te_used(http: httpx.Client) -> None:
     assert response.status_code == 200, response.text
     te_ids = response.headers[TE_HEADER].split(",")
     assert len(te_ids) == len(set(te_ids)) >= 1
+    job = http.get(f"/v1/jobs/{response.json()['id']}").json()  # one job, a task per prompt
+    assert job["state"] == "finished" and len(job["tasks"]) == 4
+    assert {task["te_id"] for task in job["tasks"]} == set(te_ids)
 
 
 def test_job_of_a_response(server: ServerProcess, http: httpx.Client) -> None:

@@ -125,7 +125,7 @@ def test_refused_prompt_releases_the_batch_submitted_before_it(
     assert error["type"] == "invalid_request_error" and "refuses submit 1" in error["message"]
     assert len(engine.calls) == 2  # the third prompt was never submitted
     (first,) = engine.streams
-    assert first.released and first.request_id.endswith("-0")
+    assert first.released and first.request_id.endswith("#p0")  # the job id is the response id
 
 
 def test_refused_prompt_in_a_stream_is_an_error_event(client: TestClient, engine: FakeEngine) -> None:

@@ -248,6 +248,7 @@ def test_two_models_at_once_and_ctrl_c_stops_every_process(smollm2_dir: Path, tm
     tiny = _tiny_model_with_smollm2_tokenizer(smollm2_dir, tmp_path / "tiny")
     args = smollm2_args(smollm2_dir)
     args += ["--model", str(tiny), "--served-model-name", "smol", "--served-model-name", "tiny"]
+    args += ["--tokenizer-workers", "1"]  # prompts tokenized in a worker process of the JE
     server = start_server(args)
     try:
         with httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as http:

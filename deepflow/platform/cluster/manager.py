@@ -8,6 +8,7 @@ moment it changes. A plain loop over one ROUTER socket: no threads, no asyncio.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -23,7 +24,7 @@ import zmq
 from deepflow.engine.request import SchedulerStats
 from deepflow.platform import messages as m
 from deepflow.platform.cluster.registry import Registry, TERow
-from deepflow.platform.procs import kill_quietly, pid_alive
+from deepflow.platform.procs import cmdline, kill_quietly, pid_alive
 from deepflow.platform.spec import ClusterSpec, ModelSpec, engine_threads
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,20 @@ class _TE:
     def alive(self) -> bool:
         if self.process is not None:
             return self.process.poll() is None
-        return pid_alive(self.row.pid)
+        return pid_alive(self.row.pid) and self.is_ours()
+
+    def is_ours(self) -> bool:
+        """The pid still runs this TE incarnation (not a process that reused the pid)."""
+        if self.process is not None:
+            return self.process.returncode is None
+        args = cmdline(self.row.pid)
+        return _flag(args, "--te-id") == self.row.te_id and _flag(args, "--incarnation") == str(
+            self.row.incarnation
+        )
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.is_ours():
+            kill_quietly(self.row.pid, sig)
 
     def exit_note(self) -> str:
         if self.process is not None and self.process.returncode is not None:
@@ -96,10 +110,16 @@ class ClusterManager:
         rows = {row.te_id: row for row in self.registry.tes()}
         for te_id, model in self.spec.te_ids():
             row = rows.get(te_id)
-            if row is not None and row.state in ("starting", "ready") and pid_alive(row.pid):
+            adopted = _TE(row=row, spec=model, last_heartbeat=time.monotonic()) if row is not None else None
+            if (
+                row is not None
+                and adopted is not None
+                and row.state in ("starting", "ready")
+                and adopted.alive()
+            ):
                 # It keeps running; its next heartbeat (within a second) makes it ready again here.
                 row.state = "starting"
-                self.tes[te_id] = _TE(row=row, spec=model, last_heartbeat=time.monotonic())
+                self.tes[te_id] = adopted
                 logger.info("adopted TE %s (pid %s, incarnation %d)", te_id, row.pid, row.incarnation)
                 continue
             fresh = TERow(
@@ -146,18 +166,21 @@ class ClusterManager:
         if self.lifeline_fd is not None:
             command += ["--lifeline-fd", str(self.lifeline_fd)]
             pass_fds = (self.lifeline_fd,)
-        te.process = subprocess.Popen(command, pass_fds=pass_fds, start_new_session=True)
         te.info = te.stats = te.identity = None
         te.row = TERow(
             te_id=te.row.te_id,
             model=te.spec.name,
             incarnation=incarnation,
             state="starting",
-            pid=te.process.pid,
+            pid=None,
             address=address,
             restarts=te.row.restarts + (1 if incarnation > 1 else 0),
             started_at=time.time(),
         )
+        # Recorded before it exists: a manager dying right after the spawn never reuses this incarnation.
+        self.registry.save_te(te.row)
+        te.process = subprocess.Popen(command, pass_fds=pass_fds, start_new_session=True)
+        te.row.pid = te.process.pid
         self.registry.save_te(te.row)
         logger.info("started TE %s (model %s, pid %d, incarnation %d)", te.row.te_id, te.spec.name,
                     te.process.pid, incarnation)  # fmt: skip
@@ -181,28 +204,36 @@ class ClusterManager:
                 if not te.alive():
                     self._died(te, te.exit_note())
                 elif state == "ready" and now - te.last_heartbeat > HEARTBEAT_TIMEOUT:
-                    kill_quietly(te.row.pid)
+                    te.kill()
                     self._died(te, f"sent no heartbeat for {HEARTBEAT_TIMEOUT:.0f} s (killed)")
                 elif (
                     state == "starting"
                     and te.process is not None
                     and time.time() - (te.row.started_at or 0) > STARTUP_TIMEOUT
                 ):
-                    kill_quietly(te.row.pid)
+                    te.kill()
                     self._died(te, f"did not become ready within {STARTUP_TIMEOUT:.0f} s (killed)")
-                elif (
-                    state == "starting" and te.process is None and now - te.last_heartbeat > HEARTBEAT_TIMEOUT
-                ):
-                    kill_quietly(te.row.pid)  # adopted but silent
-                    self._died(te, "was adopted but sent no heartbeat (killed)")
-            elif state == "dead" and not self.stopping and now >= te.restart_at:
+                elif state == "starting" and te.process is None and self._adopted_silent(te, now):
+                    te.kill()
+                    self._died(te, "was adopted but never reported (killed)")
+            elif state == "dead" and te.process is not None and te.process.returncode is None:
+                te.process.poll()  # reap a TE we killed, so it is no zombie until the restart
+            if te.row.state == "dead" and not self.stopping and now >= te.restart_at:
                 self._spawn(te)
                 self._changed()
+
+    @staticmethod
+    def _adopted_silent(te: _TE, now: float) -> bool:
+        """An adopted TE that was ready reports within a heartbeat timeout; one that was still loading its
+        model gets what is left of the startup timeout."""
+        if te.row.ready_at is not None:
+            return now - te.last_heartbeat > HEARTBEAT_TIMEOUT
+        return time.time() - (te.row.started_at or 0) > STARTUP_TIMEOUT
 
     def _on_te_heartbeat(self, identity: bytes, beat: m.TEHeartbeat) -> None:
         info = beat.info
         te = self.tes.get(info.te_id)
-        if te is None or info.incarnation < te.row.incarnation or te.row.state == "dead":
+        if te is None or info.incarnation != te.row.incarnation or te.row.state == "dead":
             logger.warning(
                 "stopping stray TE %s incarnation %d (pid %d)", info.te_id, info.incarnation, info.pid
             )
@@ -354,22 +385,27 @@ class ClusterManager:
         for te in live:
             if te.identity is not None:
                 self._send(te.identity, m.StopTE())
-            kill_quietly(te.row.pid, signal.SIGTERM)
+            te.kill(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE
         while any(te.alive() for te in live) and time.monotonic() < deadline:
             time.sleep(0.05)
         for te in live:
             if te.alive():
                 logger.warning("TE %s did not stop in %.0f s; killing it", te.row.te_id, STOP_GRACE)
-                kill_quietly(te.row.pid)
+                te.kill()
         for te in self.tes.values():
             if te.process is not None:
-                te.process.wait(timeout=5)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    te.process.wait(timeout=5)
             te.row.state = "stopped"
             self.registry.save_te(te.row)
         self.registry.close()
         self._context.destroy(linger=0)
         logger.info("cluster manager stopped %d TEs", len(live))
+
+
+def _flag(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args[:-1] else None
 
 
 def _json(engine: Any) -> str:

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from deepflow.platform.procs import setup_logging, watch_lifeline
@@ -42,10 +43,21 @@ async def serve(args: argparse.Namespace) -> int:
             )
         )
         listener = socket.socket(fileno=args.listen_fd)
+        _serving.set()
         await server.serve(sockets=[listener])
     finally:
-        executor.shutdown()
+        executor.shutdown()  # closes the TE sockets and the tokenizer workers
     return 0
+
+
+_serving = threading.Event()
+
+
+def _on_sigterm(*_: object) -> None:
+    """Before uvicorn serves: stop now. After it stopped: absorb the SIGTERM it re-raises on exit, so the
+    cleanup in `serve` still runs (uvicorn's own handler drains the streams while it serves)."""
+    if not _serving.is_set():
+        raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,12 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging(args.log_level, f"JE-{args.je_id}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher stops us with SIGTERM, in order
+    signal.signal(signal.SIGTERM, _on_sigterm)
     # Launcher gone: stop like on SIGTERM (uvicorn's handler drains, then exits).
     watch_lifeline(args.lifeline_fd, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    try:
-        return asyncio.run(serve(args))
-    except KeyboardInterrupt:
-        return 0
+    return asyncio.run(serve(args))
 
 
 if __name__ == "__main__":

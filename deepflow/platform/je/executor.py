@@ -9,6 +9,7 @@ version it holds, so a restarted CM re-sends the list; a dead TE is routed aroun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -21,17 +22,20 @@ import zmq
 import zmq.asyncio
 
 from deepflow.engine.async_llm import AsyncLLM
+from deepflow.engine.tokenizer import default_tokenizer_workers
 from deepflow.platform import messages as m
 from deepflow.platform.cluster.manager import cm_address
+from deepflow.platform.je.job_store import JobStore
 from deepflow.platform.je.policies import make_policy
 from deepflow.platform.je.routing_client import RoutingCoreClient
 from deepflow.platform.je.te_client import RemoteTEClient
-from deepflow.platform.jobs import JobTracker
+from deepflow.platform.jobs import Job, JobTracker
 from deepflow.platform.spec import ClusterSpec
 
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 1.0
+JOB_FLUSH_SECONDS = 0.1
 
 
 class JobExecutor:
@@ -39,6 +43,7 @@ class JobExecutor:
         self.spec = spec
         self.je_id = je_id
         self.jobs = JobTracker()
+        self.job_store = JobStore(run_dir / "jobs.db")
         self.groups: dict[str, RoutingCoreClient] = {}
         self.engines: dict[str, AsyncLLM] = {}
         self._context = zmq.asyncio.Context()
@@ -57,10 +62,16 @@ class JobExecutor:
     # ---- startup ---------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Wait until every model has a ready TE, then build the groups and engines."""
-        self._tasks = [asyncio.create_task(self._heartbeats()), asyncio.create_task(self._listen())]
+        self._tasks = [
+            asyncio.create_task(self._heartbeats()),
+            asyncio.create_task(self._listen()),
+            asyncio.create_task(self._flush_jobs()),
+        ]
         while not self._all_models_ready():
             self._first_view.clear()
             await self._first_view.wait()
+        workers = self.spec.tokenizer_workers
+        workers = default_tokenizer_workers() if workers is None else workers
         for model in self.spec.models:
             clients = {
                 te_id: c for te_id, c in self._clients.items() if c.info.model == model.name and c.is_alive()
@@ -73,7 +84,10 @@ class JobExecutor:
                 model=model.name,
             )
             self.groups[model.name] = group
-            self.engines[model.name] = AsyncLLM(model.engine, group, model_name=model.name)
+            group.start()  # read every TE from now on: stats and KV events flow before any request
+            engine = AsyncLLM(model.engine, group, model_name=model.name, tokenizer_workers=workers)
+            engine.start()
+            self.engines[model.name] = engine
         logger.info("job executor %s serving %s", self.je_id, ", ".join(self.engines))
 
     def _all_models_ready(self) -> bool:
@@ -84,18 +98,27 @@ class JobExecutor:
     async def _heartbeats(self) -> None:
         while True:
             beat = m.JEHeartbeat(je_id=self.je_id, pid=os.getpid(), view_version=self._view_version)
-            await self._cm.send(m.encoder.encode(beat))
+            try:
+                await self._cm.send(m.encoder.encode(beat), flags=zmq.NOBLOCK)
+            except zmq.ZMQError as exc:  # no CM right now (restarting): the next beat will do
+                logger.debug("heartbeat not sent: %s", exc)
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
     async def _listen(self) -> None:
+        """The CM's messages, one at a time; a bad one is logged and skipped (losing this loop would leave
+        the JE routing to TEs it no longer hears about)."""
         while True:
-            message = m.from_cm.decode(await self._cm.recv())
-            if isinstance(message, m.ClusterView):
-                self.apply_view(message)
-            elif isinstance(message, m.ClusterReport):
-                waiter = self._queries.pop(message.query_id, None)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(message.report)
+            payload = await self._cm.recv()
+            try:
+                message = m.from_cm.decode(payload)
+                if isinstance(message, m.ClusterView):
+                    self.apply_view(message)
+                elif isinstance(message, m.ClusterReport):
+                    waiter = self._queries.pop(message.query_id, None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(message.report)
+            except Exception:
+                logger.exception("could not apply a message of the cluster manager")
 
     def apply_view(self, view: m.ClusterView) -> None:
         """Connect to TEs that became ready, drop those that died or were replaced."""
@@ -113,6 +136,8 @@ class JobExecutor:
                     continue
                 if current is not None:
                     current.mark_dead(f"replaced by incarnation {te.info.incarnation}")
+                    if te.model not in self.groups:
+                        current.shutdown()  # no group reads it yet: close it here
                 client = RemoteTEClient(te.info, self.je_id, self._context)
                 self._clients[te.te_id] = client
                 self._known_at[te.te_id] = time.time()
@@ -129,19 +154,32 @@ class JobExecutor:
             ):
                 current.mark_dead(f"the cluster manager reports it {te.state}")
         for te_id in set(self._clients) - listed:
-            self._clients[te_id].mark_dead("no longer in the cluster")
+            self._clients.pop(te_id).mark_dead("no longer in the cluster")
         self._first_view.set()
 
     # ---- the PlatformView the HTTP edge shows ------------------------------------------------------------
     def job(self, job_id: str) -> dict[str, Any] | None:
+        """This JE's live record, else what any JE (this one before a restart included) stored."""
         job = self.jobs.get(job_id)
-        if job is None:
-            return None
+        return self._job_dict(job) if job is not None else self.job_store.load(job_id)
+
+    def _job_dict(self, job: Job) -> dict[str, Any]:
         out: dict[str, Any] = msgspec.to_builtins(job)
         out["job_executor"] = self.je_id
         for task, raw in zip(job.tasks, out["tasks"], strict=True):
             raw["te_id"] = task.te_id
         return out
+
+    def flush_jobs(self) -> None:
+        self.job_store.save(self.je_id, [self._job_dict(job) for job in self.jobs.take_changed()])
+
+    async def _flush_jobs(self) -> None:
+        while True:
+            await asyncio.sleep(JOB_FLUSH_SECONDS)
+            try:
+                self.flush_jobs()
+            except Exception:  # a busy or broken file must not stop the JE serving
+                logger.exception("could not store job records")
 
     async def cluster(self, timeout: float = 2.0) -> dict[str, Any]:
         query_id = next(self._query_ids)
@@ -158,6 +196,7 @@ class JobExecutor:
             "je_id": self.je_id,
             "pid": os.getpid(),
             "view_version": self._view_version,
+            "routing_reasons": {name: dict(group.reason_counts) for name, group in self.groups.items()},
             "connected_tes": {
                 te_id: {"incarnation": c.info.incarnation, "known_at": self._known_at[te_id]}
                 for te_id, c in sorted(self._clients.items())
@@ -171,4 +210,7 @@ class JobExecutor:
             task.cancel()
         for engine in self.engines.values():
             engine.shutdown()
+        with contextlib.suppress(Exception):
+            self.flush_jobs()
+        self.job_store.close()
         self._context.destroy(linger=0)

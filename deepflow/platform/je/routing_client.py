@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +50,7 @@ from deepflow.platform.je.policies import (
     RoutingRequest,
     TELoad,
 )
-from deepflow.platform.jobs import Job, JobTracker, State, Task
+from deepflow.platform.jobs import TERMINAL, Job, JobTracker, State, Task
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +102,10 @@ class RoutingCoreClient:
         self._streamed: set[str] = set()  # live requests that produced a token
         self._tasks: dict[str, tuple[Job, Task]] = {}  # live request id -> its job and task
         self._context_owner: dict[str, _TE] = {}
+        self._aborted: set[str] = set()  # live requests the front end aborted
         self._retired_counters = dict.fromkeys(_COUNTERS, 0)  # what TEs that left had counted
         self.decisions: deque[tuple[str, Decision]] = deque(maxlen=4096)  # (request id, decision)
+        self.reason_counts: Counter[str] = Counter()  # routing reasons since start (the cluster report)
         self._merged: asyncio.Queue[EngineCoreOutputs | BaseException] | None = None
         self._pumps: list[asyncio.Task[None]] = []
 
@@ -115,6 +117,7 @@ class RoutingCoreClient:
             self._publish(self._fail_over(old, "replaced by a new incarnation"))
         te = self.tes[te_id] = _TE(te_id, client)
         if self._merged is not None:
+            self._pumps = [task for task in self._pumps if not task.done()]
             self._pumps.append(asyncio.create_task(self._pump(te)))
         logger.info("TE %s joined group %s", te_id, self.model or "-")
 
@@ -125,11 +128,18 @@ class RoutingCoreClient:
     # ---- routing ---------------------------------------------------------------------------------------
     def route(self, request: EngineCoreRequest) -> str:
         """The TE a request goes to (it is not sent)."""
-        if request.context_id is not None and request.context_id in self._context_owner:
-            te_id = self._context_owner[request.context_id].te_id
-            self.decisions.append((request.request_id, Decision(te_id=te_id, reason=Reason.PREFIX_MATCH)))
-            return te_id
-        snapshot = GroupSnapshot(tes=[te.load() for te in self.tes.values()], tree=self.tree)
+        owner = self._context_owner.get(request.context_id) if request.context_id is not None else None
+        if owner is not None and not owner.dead and owner.client.is_alive():
+            self._decided(request.request_id, Decision(te_id=owner.te_id, reason=Reason.CONTEXT))
+            return owner.te_id
+        return self._select(request, excluded=set())
+
+    def _select(self, request: EngineCoreRequest, excluded: set[str]) -> str:
+        loads = [te.load() for te in self.tes.values()]
+        if excluded:
+            loads = [msgspec.structs.replace(load, healthy=False) if load.te_id in excluded else load
+                     for load in loads]  # fmt: skip
+        snapshot = GroupSnapshot(tes=loads, tree=self.tree)
         decision = self.policy.select(
             RoutingRequest(
                 request_id=request.request_id,
@@ -139,8 +149,12 @@ class RoutingCoreClient:
             ),
             snapshot,
         )
-        self.decisions.append((request.request_id, decision))
+        self._decided(request.request_id, decision)
         return decision.te_id
+
+    def _decided(self, request_id: str, decision: Decision) -> None:
+        self.decisions.append((request_id, decision))
+        self.reason_counts[str(decision.reason)] += 1
 
     def te_of(self, request_id: str) -> str | None:
         te = self._owner.get(request_id)
@@ -149,14 +163,20 @@ class RoutingCoreClient:
     def add_request(self, request: EngineCoreRequest) -> None:
         job_task = self._tasks.get(request.request_id) or self._new_task(request)
         self._move(job_task, State.QUEUED)
-        try:
-            te = self.tes[self.route(request)]
-            te.client.add_request(request)
-        except (NoHealthyTE, EngineDeadError) as exc:
-            self._tasks.pop(request.request_id, None)
-            self._move(job_task, State.FAILED, error="no task executor of the group is alive")
-            raise EngineDeadError(f"no task executor of group {self.model or '-'} is alive") from exc
-        self._tasks[request.request_id] = job_task
+        refused: set[str] = set()  # TEs whose socket refused the request (dead, not yet reported so)
+        while True:
+            try:
+                te = self.tes[self.route(request) if not refused else self._select(request, refused)]
+                te.client.add_request(request)
+                break
+            except EngineDeadError:
+                refused.add(te.te_id)
+            except NoHealthyTE as exc:
+                self._tasks.pop(request.request_id, None)
+                self._move(job_task, State.FAILED, error="no task executor of the group is alive")
+                raise EngineDeadError(f"no task executor of group {self.model or '-'} is alive") from exc
+        if job_task is not None:
+            self._tasks[request.request_id] = job_task
         self._move(job_task, State.SCHEDULED, te_id=te.te_id)
         self._requests[request.request_id] = request
         self._owner[request.request_id] = te
@@ -188,7 +208,8 @@ class RoutingCoreClient:
             return
         job, task = job_task
         self.jobs.move(job, task, state, te_id=te_id, error=error)
-        logger.info(
+        logger.log(
+            logging.DEBUG if state in (State.QUEUED, State.RUNNING) else logging.INFO,
             "job=%s task=%s state=%s te=%s%s",
             job.job_id,
             task.task_id,
@@ -206,6 +227,7 @@ class RoutingCoreClient:
         for request_id in request_ids:
             te = self._owner.get(request_id)
             if te is not None:
+                self._aborted.add(request_id)  # never retried elsewhere: nobody waits for it
                 by_te.setdefault(te.te_id, []).append(request_id)
         for te_id, ids in by_te.items():
             self.tes[te_id].client.abort(ids)
@@ -217,36 +239,52 @@ class RoutingCoreClient:
                 te.client.send(command)
         elif isinstance(command, ResetPrefixCache):
             for te in self.tes.values():
-                te.client.send(command)
+                if not te.dead:
+                    with contextlib.suppress(EngineDeadError):
+                        te.client.send(command)
         else:
             raise TypeError(f"{type(command).__name__} is not a group-level command")
 
     # ---- outputs -------------------------------------------------------------------------------------
     async def get_outputs(self) -> EngineCoreOutputs:
-        if self._merged is None:
-            self._merged = asyncio.Queue()
-            self._pumps = [asyncio.create_task(self._pump(te)) for te in self.tes.values()]
+        self.start()
+        assert self._merged is not None
         item = await self._merged.get()
         if isinstance(item, BaseException):
             raise item
         return item
 
+    def start(self) -> None:
+        """Read every TE from now on (needs a running loop): a TE's stats and KV events flow before any
+        request of ours does, and nothing queues up unread in its socket."""
+        if self._merged is None:
+            self._merged = asyncio.Queue()
+            self._pumps = [asyncio.create_task(self._pump(te)) for te in self.tes.values()]
+
     async def _pump(self, te: _TE) -> None:
         assert self._merged is not None
-        try:
-            while True:
+        while True:
+            try:
                 batch = await te.client.get_outputs()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # only a failure to read the TE means it is gone
+                if not te.dead:
+                    logger.error("TE %s failed: %s", te.te_id, exc)
+                    self._merged.put_nowait(self._fail_over(te, str(exc)))
+                return
+            if te.dead:
+                return  # failed over already (the CM's push raced this read): its outputs are void
+            try:
                 self._merged.put_nowait(self._absorb(te, batch))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            logger.error("TE %s failed: %s", te.te_id, exc)
-            if not te.dead:
-                self._merged.put_nowait(self._fail_over(te, str(exc)))
+            except Exception:  # a bad batch must not take a healthy TE out of the group
+                logger.exception("could not process a batch from TE %s", te.te_id)
 
     def _fail_over(self, te: _TE, reason: str) -> EngineCoreOutputs:
         """Retry the dead TE's requests that have not streamed on the others; end the rest with an abort."""
         te.dead = True
+        with contextlib.suppress(Exception):
+            te.client.shutdown()  # its socket: nothing more will be read from this incarnation
         if te.stats is not None:
             for name in _COUNTERS:
                 self._retired_counters[name] += getattr(te.stats, name)
@@ -255,23 +293,24 @@ class RoutingCoreClient:
         for context_id in [c for c, owner in self._context_owner.items() if owner is te]:
             del self._context_owner[context_id]
         ended: list[EngineCoreOutput] = []
+        message = f"task executor {te.te_id} failed: {reason}"
         for request_id in sorted(te.requests):
             request = self._requests.get(request_id)
             self._owner.pop(request_id, None)
-            job_task = self._tasks.get(request_id)
-            if request is not None and request_id not in self._streamed and request.create_context is None:
+            retry = (
+                request is not None
+                and request_id not in self._streamed
+                and request_id not in self._aborted
+                and request.create_context is None
+            )
+            if retry:
+                assert request is not None
                 try:
                     self.add_request(request)
                     logger.warning("request %s retried after TE %s failed", request_id, te.te_id)
                     continue
-                except EngineDeadError:
-                    pass
-            self._requests.pop(request_id, None)
-            self._streamed.discard(request_id)
-            message = f"task executor {te.te_id} failed: {reason}"
-            if job_task is not None and job_task[1].state not in (State.FAILED,):
-                self._tasks.pop(request_id, None)
-                self._move(job_task, State.FAILED, error=message)
+                except Exception as exc:  # one request's retry failing must not strand the others
+                    logger.warning("request %s could not be retried: %s", request_id, exc)
             ended.append(
                 EngineCoreOutput(
                     request_id=request_id,
@@ -280,8 +319,25 @@ class RoutingCoreClient:
                     stop_reason=message,
                 )
             )
+            self._end(request_id, te, ended[-1])
         te.requests.clear()
         return EngineCoreOutputs(outputs=ended, stats=self._group_stats([]))
+
+    def _end(self, request_id: str, te: _TE, out: EngineCoreOutput) -> None:
+        """Forget a request that finished (or failed); its task takes its final state."""
+        job_task = self._tasks.pop(request_id, None)
+        if job_task is not None and job_task[1].state not in TERMINAL:
+            failed = out.finish_reason == FinishReason.ABORT and request_id not in self._aborted
+            if out.finish_reason != FinishReason.ABORT:
+                self._move(job_task, State.FINISHED)
+            else:
+                error = str(out.stop_reason) if out.stop_reason else None
+                self._move(job_task, State.FAILED if failed and error else State.ABORTED, error=error)
+        self._owner.pop(request_id, None)
+        self._requests.pop(request_id, None)
+        self._streamed.discard(request_id)
+        self._aborted.discard(request_id)
+        te.requests.discard(request_id)
 
     def _absorb(self, te: _TE, batch: EngineCoreOutputs) -> EngineCoreOutputs:
         if batch.stats is not None:
@@ -289,7 +345,11 @@ class RoutingCoreClient:
             te.routed_tokens = 0
         for event in batch.kv_events:
             self.tree.apply(msgspec.structs.replace(event, te_id=te.te_id))
+        outputs = []
         for out in batch.outputs:
+            if self._owner.get(out.request_id) is not te:
+                continue  # not (or no longer) this TE's: e.g. retried elsewhere already
+            outputs.append(out)
             job_task = self._tasks.get(out.request_id)
             if out.new_token_ids:
                 self._streamed.add(out.request_id)
@@ -298,20 +358,9 @@ class RoutingCoreClient:
             if job_task is not None and job_task[1].state == State.SCHEDULED:
                 self._move(job_task, State.RUNNING)
             if out.finish_reason is not None:
-                if job_task is not None:
-                    self._tasks.pop(out.request_id, None)
-                    aborted = out.finish_reason == FinishReason.ABORT
-                    self._move(
-                        job_task,
-                        State.ABORTED if aborted else State.FINISHED,
-                        error=str(out.stop_reason) if aborted and out.stop_reason else None,
-                    )
-                self._owner.pop(out.request_id, None)
-                self._requests.pop(out.request_id, None)
-                self._streamed.discard(out.request_id)
-                te.requests.discard(out.request_id)
+                self._end(out.request_id, te, out)
         fresh = batch.stats.populate_latencies if batch.stats is not None else []
-        return EngineCoreOutputs(outputs=batch.outputs, stats=self._group_stats(fresh))
+        return EngineCoreOutputs(outputs=outputs, stats=self._group_stats(fresh))
 
     def _group_stats(self, populate_latencies: list[float]) -> SchedulerStats | None:
         """Gauges over the live TEs; counters over every TE the group ever had, so they never go back."""

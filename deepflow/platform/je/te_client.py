@@ -34,6 +34,7 @@ class RemoteTEClient:
         self._socket = context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.IDENTITY, je_id.encode())
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.RCVHWM, 0)  # the TE's outputs are never dropped on the way in
         self._socket.connect(info.address)
         self._socket.send(m.encoder.encode(m.Hello(je_id=je_id, incarnation=os.getpid())), flags=zmq.NOBLOCK)
         self.dead: str | None = None
@@ -73,6 +74,8 @@ class RemoteTEClient:
             if self.dead is not None:
                 raise EngineDeadError(f"TE {self.te_id}: {self.dead}")
             if await self._socket.poll(timeout=100):
+                if self.dead is not None:  # declared dead while we waited: what it sent is void
+                    raise EngineDeadError(f"TE {self.te_id}: {self.dead}")
                 message = m.te_to_je.decode(await self._socket.recv())
                 if isinstance(message, EngineCoreFailed):
                     self.dead = f"engine failed: {message.error.strip().splitlines()[-1]}"
@@ -82,4 +85,5 @@ class RemoteTEClient:
     def shutdown(self) -> None:
         """Close our connection; the TE itself is the cluster manager's to stop."""
         self.mark_dead("job executor shut down")
-        self._socket.close(linger=0)
+        if not self._socket.closed:
+            self._socket.close(linger=0)

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 
 import msgspec
 
@@ -13,6 +14,8 @@ from deepflow.engine.config import EngineConfig
 from deepflow.platform.procs import setup_logging, stop_on_signals, watch_lifeline
 
 logger = logging.getLogger("deepflow.platform.te")
+
+LIFELINE_GRACE_SECONDS = 30.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,13 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     def stop() -> None:
         nonlocal stop_requested
         stop_requested = True
-        if shell is not None:
-            shell.stop()
+        if shell is None:  # still loading the model: nothing to drain
+            os._exit(0)
+        shell.stop()
 
     def lifeline_lost() -> None:
         if shell is None:  # still loading the model: nothing to drain
             os._exit(0)
         shell.stop()
+        # The launcher is gone: nobody would kill a TE whose step hangs. Give the step a while, then go.
+        threading.Timer(LIFELINE_GRACE_SECONDS, os._exit, args=(1,)).start()
 
     stop_on_signals(stop)
     watch_lifeline(args.lifeline_fd, lifeline_lost)

@@ -52,6 +52,10 @@ class TEShell:
         self.core = EngineCore(config)
         self._router = self._context.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted JE takes its identity back
+        # Never drop a JE's outputs silently: no send limit (JEs read continuously), and a peer that is
+        # gone raises (EHOSTUNREACH) instead of swallowing the message.
+        self._router.setsockopt(zmq.SNDHWM, 0)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.bind(address)
         self.info = m.TEInfo(
@@ -86,10 +90,10 @@ class TEShell:
             logger.error("TE %s engine failed:\n%s", self.te_id, error)
             failed = m.encoder.encode(m.EngineCoreFailed(error=error))
             for peer in self._peers:
-                self._router.send_multipart([peer, failed], flags=zmq.NOBLOCK)
+                self._send(peer, failed)
+            self.close(linger_ms=1000)  # let the JEs have the reason before the process goes
             return 1
-        finally:
-            self.close()
+        self.close()
         return 0
 
     def _next_command(self, block: bool) -> Command | None:
@@ -130,7 +134,7 @@ class TEShell:
         state = EngineCoreOutputs(
             outputs=[], stats=self.core.scheduler.stats(), kv_events=self.core.cache.residency_snapshot()
         )
-        self._router.send_multipart([peer, m.encoder.encode(state)], flags=zmq.NOBLOCK)
+        self._send(peer, m.encoder.encode(state))
 
     def _emit(self, batch: EngineCoreOutputs) -> None:
         per_peer: dict[bytes, list[EngineCoreOutput]] = {peer: [] for peer in self._peers}
@@ -143,12 +147,20 @@ class TEShell:
             if peer is not None:
                 per_peer.setdefault(peer, []).append(out)
         for peer, outputs in per_peer.items():
-            message = msgspec.structs.replace(batch, outputs=outputs)
-            try:
-                self._router.send_multipart([peer, m.encoder.encode(message)], flags=zmq.NOBLOCK)
-            except zmq.Again:  # a JE that stopped reading; its heartbeat lapses and it reconnects
-                logger.warning("TE %s dropped outputs for a JE that is not reading", self.te_id)
+            self._send(peer, m.encoder.encode(msgspec.structs.replace(batch, outputs=outputs)))
         self._heartbeat()
+
+    def _send(self, peer: bytes, payload: bytes) -> None:
+        try:
+            self._router.send_multipart([peer, payload], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # the JE is gone (a restarted one says Hello again and starts afresh)
+            logger.warning("TE %s: JE %r unreachable (%s); forgetting it", self.te_id, peer, exc)
+            self._peers.pop(peer, None)
+            orphans = [rid for rid, owner in self._owner.items() if owner == peer]
+            for rid in orphans:
+                del self._owner[rid]
+            if orphans:
+                self.core.abort(orphans)  # nobody would read them
 
     def _heartbeat(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -161,6 +173,6 @@ class TEShell:
     def stop(self) -> None:
         self.stopping = True
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
         self.core.shutdown()
-        self._context.destroy(linger=0)
+        self._context.destroy(linger=linger_ms)

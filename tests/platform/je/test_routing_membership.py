@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deepflow.engine.core_client import EngineDeadError
+from deepflow.engine.core_client import EngineDeadError, ResetPrefixCache
 from deepflow.engine.request import (
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -134,6 +134,48 @@ def test_tes_join_and_die_jobs_record_attempts_counters_never_go_back() -> None:
         assert group.is_alive()
         group.add_request(request("w"))
         assert c.added == ["w"]
+        group.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_aborted_requests_are_not_retried_and_bad_or_stale_batches_are_contained() -> None:
+    async def scenario() -> None:
+        jobs = JobTracker()
+        a, b = FakeTE(), FakeTE()
+        group = RoutingCoreClient({"te-0": a, "te-1": b}, make_policy("round_robin"), 16, jobs=jobs)
+        group.start()
+        group.add_request(request("p"))  # te-0
+        group.add_request(request("q"))  # te-1
+        group.add_request(request("r"))  # te-0
+        assert (group.te_of("p"), group.te_of("q"), group.te_of("r")) == ("te-0", "te-1", "te-0")
+        group.abort(["r"])  # the client left; the abort is on its way when te-0 dies
+        # A batch the policy cannot digest (an unknown request's output is skipped; a broken event raises)
+        # is logged and dropped: te-0 stays in the group.
+        a.outputs.put_nowait(EngineCoreOutputs(outputs=[token("nobody")], kv_events=[object()]))  # type: ignore[list-item]
+        a.outputs.put_nowait(EngineCoreOutputs(outputs=[token("p")], stats=stats(1)))
+        batch = await next_batch(group)
+        assert [o.request_id for o in batch.outputs] == ["p"] and not group.tes["te-0"].dead
+        a.kill()
+        ended = await next_batch(group)
+        # p streamed and r was aborted: both end here; neither runs again on te-1.
+        assert sorted(o.request_id for o in ended.outputs) == ["p", "r"]
+        assert b.added == ["q"]
+        r = jobs.get("r")
+        assert r is not None and r.state == State.ABORTED
+        group.send(ResetPrefixCache())  # skips the dead TE instead of failing
+        # A late batch from a replaced incarnation is void.
+        stale = FakeTE()
+        group.add_te("te-2", stale)
+        b.alive = False  # for a moment: s must go to te-2
+        group.add_request(request("s"))
+        b.alive = True
+        assert group.te_of("s") == "te-2"
+        group.tes["te-2"].dead = True  # as if failed over by the CM's push before its read completed
+        stale.outputs.put_nowait(EngineCoreOutputs(outputs=[token("s", FinishReason.LENGTH)]))
+        b.outputs.put_nowait(EngineCoreOutputs(outputs=[token("q", FinishReason.LENGTH)]))
+        batch = await next_batch(group)
+        assert [o.request_id for o in batch.outputs] == ["q"]
         group.shutdown()
 
     asyncio.run(scenario())

@@ -99,6 +99,7 @@ class Reason(StrEnum):
     LOW_MATCH = "low_match"  # no TE caches enough of the prompt: least load
     IMBALANCED = "imbalanced"  # the group's load is skewed: least load
     HOT_SPOT = "hot_spot"  # the prefix's holder is overloaded: a less loaded (future) holder
+    CONTEXT = "context"  # the request names a pinned context: the TE holding it
 
 
 class Decision(msgspec.Struct, frozen=True):
