@@ -41,6 +41,21 @@ def chat(model: str, question: str, max_tokens: int = 8, **extra: Any) -> dict[s
     }
 
 
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (children, grandchildren, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
 def cluster(http: httpx.Client) -> dict[str, Any]:
     reply = http.get("/v1/cluster")
     assert reply.status_code == 200, reply.text
@@ -269,9 +284,13 @@ def test_two_models_at_once_and_ctrl_c_stops_every_process(smollm2_dir: Path, tm
                 report["cluster_manager"]["pid"],
                 report["job_executor"]["pid"],
             ]
+        everything = descendants(server.process.pid)  # the JE's tokenizer worker too
+        assert set(pids) <= everything and len(everything) > len(pids), (pids, everything)
         server.process.send_signal(signal.SIGINT)
         assert server.process.wait(timeout=90) == 0
-        assert wait_for(lambda: not any(alive(pid) for pid in pids), 10), "a process outlived the launcher"
+        assert wait_for(lambda: not any(alive(pid) for pid in everything), 10), (
+            "a process outlived the launcher"
+        )
         assert "DeepFlow stopped" in server.log
     finally:
         if server.process.poll() is None:
