@@ -7,16 +7,17 @@ Reproduce (the numbers in docs/benchmarks.md):
 Full form:
 
     python benchmarks/routing.py [--policies round_robin least_load locality combined] [--tes 2]
-        [--conversations 8] [--turns 4] [--prefix-len 256] [--input-len 64] [--output-len 32]
-        [--concurrency 4] [--kv-cache-memory 256MiB] [--port 8310] [--model PATH] [--seed 0]
+        [--conversations 10] [--turns 6] [--prefix-len 256] [--input-len 128] [--output-len 64]
+        [--concurrency 5] [--rounds 2] [--kv-cache-memory 256MiB] [--port 8310] [--model PATH] [--seed 0]
         [--startup-timeout 180] [--out-dir DIR]
 
-`deepflow serve --tes N --policy P` runs N engine processes (task executors) behind one HTTP server; each
-has its own prefix cache, so the policy decides which TE sees a conversation's earlier turns. For each
-policy in turn, one server at a time on 127.0.0.1: start it, wait for /health, send one short smoke
-completion, scrape /metrics, run the multi-turn workload with deepflow's load generator
+`deepflow serve --tes N --policy P` runs the platform (cluster manager, one job executor, N task executors);
+each TE has its own prefix cache, so the policy decides which TE sees a conversation's earlier turns. For
+each policy in turn (`rounds` sweeps, the order rotated each sweep so no policy always follows the same
+one), one server at a time on 127.0.0.1: start it, wait for /health, send one short smoke completion,
+scrape /metrics, run the multi-turn workload with deepflow's load generator
 (`deepflow.bench.serve.run_benchmark`, the API behind `deepflow bench serve --dataset multi-turn`), scrape
-/metrics again, stop the server (SIGTERM to its process group, wait).
+/metrics and the JE's routing reasons (/v1/cluster), stop the server (SIGTERM, wait).
 
 Workload (the same prompts for every policy, from --seed): `conversations` chat conversations of `turns`
 requests each; all share one system prompt of `prefix-len` tokens, every user turn is `input-len` tokens,
@@ -28,7 +29,8 @@ Reported per policy:
                 counters are the sum over its TEs); the client-side cached/prompt fraction is in the JSON
   TTFT          mean and p99, ms (client side, streaming)
   tok/s         output tokens per second over the run's wall time
-  vs RR         mean TTFT / round_robin's mean TTFT (< 1: faster than round-robin)
+  vs RR         mean TTFT / round_robin's mean TTFT of the same sweep (< 1: faster than round-robin)
+  reasons       why the JE picked each TE (prefix_match, low_match, imbalanced, hot_spot, ...), summed
 Output: a Markdown table on stdout, OUT_DIR/routing.json (every request) and OUT_DIR/summary.md, server logs.
 """
 
@@ -108,12 +110,14 @@ def run_policy(policy: str, args: argparse.Namespace, out: Path) -> dict[str, An
             prefix_len=args.prefix_len,
             input_len=args.input_len,
             output_len=args.output_len,
-            concurrency=args.concurrency,
+            concurrency=None if args.rps else args.concurrency,
+            rps=args.rps,
             seed=args.seed,
             tokenizer=args.model,
             label=policy,
         )
-        log(f"{policy}: {args.conversations} conversations x {args.turns} turns, c={args.concurrency}")
+        load = f"rps={args.rps}" if args.rps else f"c={args.concurrency}"
+        log(f"{policy}: {args.conversations} conversations x {args.turns} turns, {load}")
         t0 = time.perf_counter()
         result = asyncio.run(run_benchmark(config))
         wall = time.perf_counter() - t0
@@ -212,17 +216,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     p.add_argument("--tes", type=int, default=2, help="task executors per server")
-    p.add_argument("--conversations", type=int, default=8)
-    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--conversations", type=int, default=10)
+    p.add_argument("--turns", type=int, default=6)
     p.add_argument("--prefix-len", type=int, default=256, help="tokens of the shared system prompt")
-    p.add_argument("--input-len", type=int, default=64, help="tokens of every user turn")
-    p.add_argument("--output-len", type=int, default=32, help="tokens of every answer")
-    p.add_argument("--concurrency", type=int, default=4, help="conversations in flight")
+    p.add_argument("--input-len", type=int, default=128, help="tokens of every user turn")
+    p.add_argument("--output-len", type=int, default=64, help="tokens of every answer")
+    p.add_argument("--concurrency", type=int, default=5, help="conversations in flight (closed loop)")
+    p.add_argument(
+        "--rps", type=float, default=None, help="open loop instead: conversations start at this Poisson rate"
+    )
     p.add_argument("--kv-cache-memory", type=parse_size, default=parse_size("256MiB"), help="per TE")
     p.add_argument("--port", type=int, default=8310)
     p.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=1, help="sweeps over the policies, order rotated each time")
+    p.add_argument("--rounds", type=int, default=2, help="sweeps over the policies, order rotated each time")
     p.add_argument("--startup-timeout", type=float, default=180.0)
     p.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results/routing-DATE")
     args = p.parse_args()
@@ -241,8 +248,13 @@ def main() -> None:
             log(f"{policy}: hit rate {r['hit_rate']}, TTFT {r['ttft_mean_ms']} ms, {r['bench_wall_s']:.1f} s")
     header = (
         f"{args.tes} TEs; {args.conversations} conversations x {args.turns} turns, system prompt "
-        f"{args.prefix_len}, user turns {args.input_len}, output {args.output_len} tokens, concurrency "
-        f"{args.concurrency}; --kv-cache-memory {args.kv_cache_memory} per TE"
+        f"{args.prefix_len}, user turns {args.input_len}, output {args.output_len} tokens, "
+        + (
+            f"conversations starting at {args.rps}/s (open loop)"
+            if args.rps
+            else f"concurrency {args.concurrency}"
+        )
+        + f"; --kv-cache-memory {args.kv_cache_memory} per TE"
     )
     text = "\n".join([header, "", table(results), "", *notes(results)]) + "\n"
     (out / "summary.md").write_text(text)

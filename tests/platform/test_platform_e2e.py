@@ -68,7 +68,9 @@ def te_pids(report: dict[str, Any]) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir: Path) -> Iterator[ServerProcess]:
-    server = start_server([*smollm2_args(smollm2_dir), "--tes", "2", "--policy", "combined"])
+    # --max-model-len below the pool: room for a pinned context (contexts never take a full request's room)
+    args = [*smollm2_args(smollm2_dir), "--tes", "2", "--policy", "combined", "--max-model-len", "1024"]
+    server = start_server(args)
     try:
         yield server
     finally:
@@ -217,6 +219,16 @@ def test_cm_and_je_restarts_lose_no_te(server: ServerProcess, http: httpx.Client
     assert wait_for(new_cm, 60)
     assert wait_for(lambda: all(te["state"] == "ready" for te in cluster(http)["tes"]), 30)
     assert te_pids(cluster(http)) == pids  # adopted, not restarted
+    # What the JE holds: a finished job (kept in the shared job store) and a pinned context (its registry
+    # dies with the JE, so the TE unpins it when the new JE says hello).
+    job_id = http.post("/v1/chat/completions", json=chat(server.model, "Which pier?")).json()["id"]
+    context = {"model": server.model, "prompt": SYSTEM * 4, "ttl_seconds": 600}
+    assert http.post("/v1/contexts", json=context).status_code == 200
+
+    def pinned() -> int:
+        return sum(te["pinned_context_tokens"] or 0 for te in cluster(http)["tes"])
+
+    assert wait_for(lambda: pinned() > 0, 10)
     os.kill(before["job_executor"]["pid"], signal.SIGKILL)
 
     def served() -> bool:
@@ -230,6 +242,9 @@ def test_cm_and_je_restarts_lose_no_te(server: ServerProcess, http: httpx.Client
     after = cluster(http)
     assert after["job_executor"]["pid"] != before["job_executor"]["pid"]
     assert te_pids(after) == pids and all(alive(pid) for pid in pids.values())
+    job = http.get(f"/v1/jobs/{job_id}")
+    assert job.status_code == 200 and job.json()["state"] == "finished", job.text
+    assert wait_for(lambda: pinned() == 0, 10)
 
 
 def _tiny_model_with_smollm2_tokenizer(smollm2_dir: Path, folder: Path) -> Path:

@@ -316,6 +316,7 @@ class ClusterManager:
                     "load": _load(s),
                     "kv_usage": s.kv_cache_usage if s else None,
                     "prefix_cache_hit_rate": _hit_rate([s] if s else []),
+                    "pinned_context_tokens": s.pinned_context_tokens if s else None,
                     "num_kv_blocks": te.info.num_kv_blocks if te.info else None,
                 }
             )
