@@ -331,6 +331,13 @@ DEFAULT_CONTEXT_TTL = 3600.0
 MAX_CONTEXT_TTL = 7 * 24 * 3600.0  # a pinned context holds KV memory; a forgotten one must not do so forever
 
 
+class ScaleRequest(StrictModel):
+    """POST /v1/cluster/scale: run `tes` task executors of `model` (surplus ones drain, then stop)."""
+
+    model: str
+    tes: int = Field(ge=1, le=64)
+
+
 class ContextCreateRequest(StrictModel):
     model: str
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)

@@ -43,6 +43,7 @@ from deepflow.api.protocol import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    ScaleRequest,
     TokenizeRequest,
     TokenizeResponse,
     check_messages,
@@ -218,6 +219,19 @@ def build_app(
         except (TimeoutError, ConnectionError) as exc:
             detail = str(exc) or f"the cluster manager did not answer ({type(exc).__name__})"
             raise platform_unavailable(detail) from exc
+        return JSONResponse(view)
+
+    @v1.post("/cluster/scale")
+    async def cluster_scale(request: Request) -> JSONResponse:
+        body = await parse_body(request, ScaleRequest)
+        if platform is None:
+            raise platform_unavailable("this server runs no job executor platform")
+        try:
+            view = await platform.scale(body.model, body.tes)
+        except ValueError as exc:
+            raise invalid(str(exc), param="model" if "model" in str(exc) else "tes") from exc
+        except (TimeoutError, ConnectionError) as exc:
+            raise platform_unavailable(str(exc) or type(exc).__name__) from exc
         return JSONResponse(view)
 
     app.include_router(v1)

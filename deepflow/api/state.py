@@ -88,6 +88,10 @@ class PlatformView(Protocol):
 
     async def cluster(self) -> dict[str, Any]: ...
 
+    async def scale(self, model: str, tes: int) -> dict[str, Any]:
+        """Run `tes` TEs of `model`; ValueError when refused. Returns the cluster's state."""
+        ...
+
 
 def engine_alive(engine: Any) -> bool:
     """`is_alive()` where the engine has it; an engine without it is taken to be alive."""

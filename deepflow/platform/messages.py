@@ -4,8 +4,9 @@
     TE  ──ROUTER──▶ JE:           EngineCoreOutputs (outputs, stats, KV events), EngineCoreFailed
     TE  ──DEALER──▶ CM (ROUTER):  TEHeartbeat (who it is, where it listens, its load) every second
     JE  ──DEALER──▶ CM:           JEHeartbeat (with the view version it holds), ClusterQuery
+    JE  ──DEALER──▶ CM:           ScaleGroup (an admin's scaling command)
     CM  ──ROUTER──▶ JE:           ClusterView on every TE-list change (and to a JE whose version is stale),
-                                  ClusterReport
+                                  ClusterReport, ScaleResult
     CM  ──ROUTER──▶ TE:           StopTE
 
 A heartbeat carries the sender's whole identity, so a restarted cluster manager rebuilds its registry from
@@ -70,7 +71,16 @@ class ClusterQuery(msgspec.Struct, tag="cluster_query"):
     query_id: int
 
 
-ToCM = TEHeartbeat | JEHeartbeat | ClusterQuery
+class ScaleGroup(msgspec.Struct, tag="scale_group"):
+    """Run `tes` TEs for `model`: new ones are started; surplus ones drain (no new requests, the running
+    ones finish) and then stop."""
+
+    query_id: int
+    model: str
+    tes: int
+
+
+ToCM = TEHeartbeat | JEHeartbeat | ClusterQuery | ScaleGroup
 
 
 class TEState(msgspec.Struct, kw_only=True):
@@ -79,7 +89,7 @@ class TEState(msgspec.Struct, kw_only=True):
     te_id: str
     model: str
     incarnation: int
-    state: str  # starting | ready | dead | stopping
+    state: str  # starting | ready | dead (restarting) | draining (scaled down) | removed
     pid: int | None = None
     info: TEInfo | None = None  # set once ready
 
@@ -94,11 +104,17 @@ class ClusterReport(msgspec.Struct, tag="cluster_report"):
     report: dict[str, Any]
 
 
+class ScaleResult(msgspec.Struct, tag="scale_result"):
+    query_id: int
+    error: str | None
+    report: dict[str, Any]
+
+
 class StopTE(msgspec.Struct, tag="stop_te"):
     pass
 
 
-FromCM = ClusterView | ClusterReport | StopTE
+FromCM = ClusterView | ClusterReport | ScaleResult | StopTE
 
 encoder = msgspec.msgpack.Encoder()
 je_to_te = msgspec.msgpack.Decoder(JEToTE)

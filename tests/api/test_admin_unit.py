@@ -44,6 +44,13 @@ class FakePlatform:
             raise self.failure
         return CLUSTER
 
+    async def scale(self, model: str, tes: int) -> dict[str, Any]:
+        if self.failure is not None:
+            raise self.failure
+        if model != MODEL:
+            raise ValueError(f"unknown model {model!r}")
+        return {"scaled": {model: tes}}
+
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_dir: Path) -> Tokenizer:
@@ -125,3 +132,28 @@ def test_admin_routes_need_the_key(engine: FakeEngine, platform: FakePlatform) -
     assert platform.cluster_calls == 0
     assert client.get(f"/v1/jobs/{response_id}", headers=KEY).json()["id"] == response_id
     assert client.get("/v1/cluster", headers=KEY).json() == CLUSTER
+
+
+def test_scale(client: TestClient, platform: FakePlatform) -> None:
+    response = client.post("/v1/cluster/scale", json={"model": MODEL, "tes": 3})
+    assert response.status_code == 200 and response.json() == {"scaled": {MODEL: 3}}
+    error = error_of(client.post("/v1/cluster/scale", json={"model": "other", "tes": 2}), 400)
+    assert error["param"] == "model" and "unknown model" in error["message"]
+    for bad in ({"model": MODEL, "tes": 0}, {"model": MODEL}, {"model": MODEL, "tes": 2, "extra": 1}):
+        assert error_of(client.post("/v1/cluster/scale", json=bad), 400)["type"] == "invalid_request_error"
+    platform.failure = TimeoutError("the cluster manager did not answer within 5 s")
+    error = error_of(client.post("/v1/cluster/scale", json={"model": MODEL, "tes": 2}), 503)
+    assert error["code"] == "platform_unavailable"
+
+
+def test_scale_needs_the_key_and_a_platform(engine: FakeEngine, platform: FakePlatform) -> None:
+    keyed = TestClient(build_app(engine, MODEL, "secret", platform=platform), raise_server_exceptions=False)
+    assert (
+        error_of(keyed.post("/v1/cluster/scale", json={"model": MODEL, "tes": 2}), 401)["code"]
+        == "invalid_api_key"
+    )
+    bare = TestClient(build_app(engine, MODEL), raise_server_exceptions=False)
+    assert (
+        error_of(bare.post("/v1/cluster/scale", json={"model": MODEL, "tes": 2}), 503)["code"]
+        == "platform_unavailable"
+    )

@@ -247,6 +247,48 @@ def test_cm_and_je_restarts_lose_no_te(server: ServerProcess, http: httpx.Client
     assert wait_for(lambda: pinned() == 0, 10)
 
 
+def test_scaling_up_then_down_drains_without_losing_a_request(
+    server: ServerProcess, http: httpx.Client
+) -> None:
+    assert wait_for(lambda: all(te["state"] == "ready" for te in cluster(http)["tes"]), 120)
+
+    def scale(tes: int) -> dict[str, Any]:
+        reply = http.post("/v1/cluster/scale", json={"model": server.model, "tes": tes})
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    (added,) = [te["te_id"] for te in scale(3)["tes"] if te["state"] == "starting"]
+    assert wait_for(lambda: added in cluster(http)["job_executor"]["connected_tes"], 120)
+    results: dict[int, Any] = {}
+    body = chat(server.model, "Tell me about the ferry.", 96, stream=True, ignore_eos=True)
+    threads = [threading.Thread(target=_stream_chat, args=(server.url, body, results, i)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    busy = lambda: sum(te["load"]["running"] for te in cluster(http)["tes"] if te["load"])  # noqa: E731
+    assert wait_for(lambda: busy() == 3, 60, 0.05)
+    report = scale(1)
+    draining = {te["te_id"]: te["pid"] for te in report["tes"] if te["state"] == "draining"}
+    assert len(draining) == 2, report["tes"]
+    for thread in threads:
+        thread.join(timeout=120)
+    for job_id, contents, error in results.values():  # the drained TEs finished what they had
+        assert error is None and contents >= 1, error
+        job = http.get(f"/v1/jobs/{job_id}").json()
+        assert job["state"] == "finished" and len(job["tasks"][0]["attempts"]) == 1
+
+    def removed() -> bool:
+        states = {te["te_id"]: te["state"] for te in cluster(http)["tes"]}
+        return all(states[te_id] == "removed" for te_id in draining)
+
+    assert wait_for(removed, 60) and not any(alive(pid) for pid in draining.values())
+    (remaining,) = cluster(http)["groups"][0]["tes"]
+    for question in ("Which pier?", "When is the last boat?"):
+        reply = http.post("/v1/chat/completions", json=chat(server.model, question))
+        assert reply.status_code == 200 and reply.headers["x-deepflow-te"] == remaining
+    bad = http.post("/v1/cluster/scale", json={"model": "no-such-model", "tes": 2})
+    assert bad.status_code == 400 and "unknown model" in bad.json()["error"]["message"]
+
+
 def _tiny_model_with_smollm2_tokenizer(smollm2_dir: Path, folder: Path) -> Path:
     """A second, different model that shares SmolLM2's tokenizer (random weights, two layers)."""
     import shutil

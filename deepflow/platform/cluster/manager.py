@@ -50,6 +50,7 @@ class _TE:
     last_heartbeat: float = 0.0
     restart_at: float = 0.0
     failures: int = 0  # consecutive deaths soon after start: the restart backoff
+    stop_sent: bool = False  # draining: told to stop
 
     def alive(self) -> bool:
         if self.process is not None:
@@ -108,32 +109,86 @@ class ClusterManager:
     # ---- TE lifecycle ----------------------------------------------------------------------------------
     def _adopt_or_start(self) -> None:
         rows = {row.te_id: row for row in self.registry.tes()}
-        for te_id, model in self.spec.te_ids():
+        names = {model.name for model in self.spec.models}
+        live = [
+            row for row in rows.values() if row.state not in ("stopped", "removed") and row.model in names
+        ]
+        # A restarted manager: the registry, not the spec, says which TEs exist (scaling may have changed it).
+        members = [(row.te_id, self.spec.model(row.model)) for row in live] if live else self.spec.te_ids()
+        for te_id, model in members:
             row = rows.get(te_id)
             adopted = _TE(row=row, spec=model, last_heartbeat=time.monotonic()) if row is not None else None
             if (
-                row is not None
-                and adopted is not None
-                and row.state in ("starting", "ready")
+                adopted is not None
+                and adopted.row.state in ("starting", "ready", "draining")
                 and adopted.alive()
             ):
                 # It keeps running; its next heartbeat (within a second) makes it ready again here.
-                row.state = "starting"
+                if adopted.row.state != "draining":
+                    adopted.row.state = "starting"
                 self.tes[te_id] = adopted
-                logger.info("adopted TE %s (pid %s, incarnation %d)", te_id, row.pid, row.incarnation)
+                logger.info(
+                    "adopted TE %s (pid %s, incarnation %d)", te_id, adopted.row.pid, adopted.row.incarnation
+                )
                 continue
-            fresh = TERow(
-                te_id=te_id,
-                model=model.name,
-                incarnation=row.incarnation if row else 0,
-                state="dead",
-                pid=None,
-                address="",
-                restarts=row.restarts if row else 0,
-            )
-            te = self.tes[te_id] = _TE(row=fresh, spec=model)
-            self._spawn(te)
+            if row is not None and row.state == "draining":
+                row.state = "removed"  # it was on its way out anyway
+                self.registry.save_te(row)
+                continue
+            self._add(te_id, model, row)
         self._changed()
+
+    def _add(self, te_id: str, model: ModelSpec, previous: TERow | None = None) -> _TE:
+        """Start TE `te_id` of `model` (a new one, or the next incarnation of `previous`)."""
+        fresh = TERow(
+            te_id=te_id,
+            model=model.name,
+            incarnation=previous.incarnation if previous else 0,
+            state="dead",
+            pid=None,
+            address="",
+            restarts=previous.restarts if previous else 0,
+        )
+        te = self.tes[te_id] = _TE(row=fresh, spec=model)
+        self._spawn(te)
+        return te
+
+    # ---- scaling ---------------------------------------------------------------------------------------
+    def scale(self, model_name: str, tes: int) -> str | None:
+        """Run `tes` TEs of the model: start new ones, or drain the surplus (the least useful first: those
+        not ready, then the least loaded). Returns an error message, or None."""
+        if model_name not in {m.name for m in self.spec.models}:
+            return f"unknown model {model_name!r}"
+        if tes < 1:
+            return "a model needs at least one TE (scale to zero is not supported)"
+        active = [
+            te
+            for te in self.tes.values()
+            if te.spec.name == model_name and te.row.state in ("starting", "ready", "dead")
+        ]
+        model = self.spec.model(model_name)
+        for _ in range(tes - len(active)):
+            te = self._add(self._next_te_id(), model)
+            logger.info("scaling %s up: TE %s", model_name, te.row.te_id)
+        surplus = sorted(
+            active, key=lambda te: (te.row.state == "ready", _outstanding(te.stats), te.row.te_id)
+        )
+        for te in surplus[: max(0, len(active) - tes)]:
+            logger.info("scaling %s down: TE %s drains", model_name, te.row.te_id)
+            if te.row.state == "ready":
+                te.row.state = "draining"
+            else:  # not serving anything yet
+                te.kill()
+                te.row.state = "removed"
+            self.registry.save_te(te.row)
+        self._changed()
+        return None
+
+    def _next_te_id(self) -> str:
+        used = {int(t.split("-")[1]) for t in self.tes} | {
+            int(r.te_id.split("-")[1]) for r in self.registry.tes()
+        }
+        return f"te-{max(used, default=-1) + 1}"
 
     def _spawn(self, te: _TE) -> None:
         incarnation = te.row.incarnation + 1
@@ -216,11 +271,29 @@ class ClusterManager:
                 elif state == "starting" and te.process is None and self._adopted_silent(te, now):
                     te.kill()
                     self._died(te, "was adopted but never reported (killed)")
-            elif state == "dead" and te.process is not None and te.process.returncode is None:
+            elif state == "draining":
+                self._drain(te)
+            elif state in ("dead", "removed") and te.process is not None and te.process.returncode is None:
                 te.process.poll()  # reap a TE we killed, so it is no zombie until the restart
             if te.row.state == "dead" and not self.stopping and now >= te.restart_at:
                 self._spawn(te)
                 self._changed()
+
+    def _drain(self, te: _TE) -> None:
+        """A draining TE gets no new requests (the JEs know); once it reports none running or waiting it is
+        stopped, and once it exited it is removed."""
+        if not te.alive():
+            te.row.state = "removed"
+            self.registry.save_te(te.row)
+            logger.info("TE %s drained and stopped", te.row.te_id)
+            self._changed()
+        elif time.monotonic() - te.last_heartbeat > HEARTBEAT_TIMEOUT:
+            te.kill()  # hung while draining: removed at the next check
+        elif not te.stop_sent and te.stats is not None and te.stats.num_running + te.stats.num_waiting == 0:
+            te.stop_sent = True
+            if te.identity is not None:
+                self._send(te.identity, m.StopTE())
+            te.kill(signal.SIGTERM)
 
     @staticmethod
     def _adopted_silent(te: _TE, now: float) -> bool:
@@ -233,7 +306,7 @@ class ClusterManager:
     def _on_te_heartbeat(self, identity: bytes, beat: m.TEHeartbeat) -> None:
         info = beat.info
         te = self.tes.get(info.te_id)
-        if te is None or info.incarnation != te.row.incarnation or te.row.state == "dead":
+        if te is None or info.incarnation != te.row.incarnation or te.row.state in ("dead", "removed"):
             logger.warning(
                 "stopping stray TE %s incarnation %d (pid %d)", info.te_id, info.incarnation, info.pid
             )
@@ -241,7 +314,7 @@ class ClusterManager:
             return
         te.info, te.stats, te.identity = info, beat.stats, identity
         te.last_heartbeat = time.monotonic()
-        if te.row.state != "ready" or te.row.incarnation != info.incarnation:
+        if te.row.state == "starting":
             te.row.incarnation, te.row.pid, te.row.address = info.incarnation, info.pid, info.address
             te.row.state = "ready"
             te.row.ready_at = te.row.ready_at if te.process is None and te.row.ready_at else time.time()
@@ -274,7 +347,7 @@ class ClusterManager:
                     incarnation=te.row.incarnation,
                     state=te.row.state,
                     pid=te.row.pid,
-                    info=te.info if te.row.state == "ready" else None,
+                    info=te.info if te.row.state in ("ready", "draining") else None,
                 )
                 for te in self.tes.values()
             ],
@@ -328,7 +401,7 @@ class ClusterManager:
                 {
                     "model": model.name,
                     "policy": model.policy,
-                    "tes": [te.row.te_id for te in members],
+                    "tes": [te.row.te_id for te in members if te.row.state != "removed"],
                     "ready": sum(te.row.state == "ready" for te in members),
                     "load": _sum_load(stats),
                     "kv_usage": sum(s.kv_cache_usage for s in stats) / len(stats) if stats else None,
@@ -376,13 +449,18 @@ class ClusterManager:
             self._on_je_heartbeat(identity, message)
         elif isinstance(message, m.ClusterQuery):
             self._send(identity, m.ClusterReport(query_id=message.query_id, report=self.report()))
+        elif isinstance(message, m.ScaleGroup):
+            error = self.scale(message.model, message.tes)
+            self._send(identity, m.ScaleResult(query_id=message.query_id, error=error, report=self.report()))
 
     def stop(self) -> None:
         self.stopping = True
 
     def _stop_tes(self) -> None:
         """StopTE (and SIGTERM) to every TE, wait for them to exit, kill what is left."""
-        live = [te for te in self.tes.values() if te.row.state in ("starting", "ready") and te.alive()]
+        live = [
+            te for te in self.tes.values() if te.row.state in ("starting", "ready", "draining") and te.alive()
+        ]
         for te in live:
             if te.identity is not None:
                 self._send(te.identity, m.StopTE())
@@ -413,6 +491,10 @@ def _json(engine: Any) -> str:
     import msgspec
 
     return msgspec.json.encode(engine).decode()
+
+
+def _outstanding(s: SchedulerStats | None) -> int:
+    return s.outstanding_tokens if s is not None else 0
 
 
 def _load(s: SchedulerStats | None) -> dict[str, int] | None:

@@ -113,35 +113,39 @@ class JobExecutor:
                 message = m.from_cm.decode(payload)
                 if isinstance(message, m.ClusterView):
                     self.apply_view(message)
-                elif isinstance(message, m.ClusterReport):
+                elif isinstance(message, m.ClusterReport | m.ScaleResult):
                     waiter = self._queries.pop(message.query_id, None)
                     if waiter is not None and not waiter.done():
-                        waiter.set_result(message.report)
+                        waiter.set_result(message)
             except Exception:
                 logger.exception("could not apply a message of the cluster manager")
 
     def apply_view(self, view: m.ClusterView) -> None:
-        """Connect to TEs that became ready, drop those that died or were replaced."""
+        """Connect to TEs that became ready, stop routing to draining ones, drop those that died, were
+        replaced or removed."""
         self._view_version = view.version
         listed = set()
         for te in view.tes:
             listed.add(te.te_id)
             current = self._clients.get(te.te_id)
+            group = self.groups.get(te.model)
+            same = current is not None and current.info.incarnation == te.incarnation and current.is_alive()
+            if te.state == "draining":
+                if same and group is not None:
+                    group.set_draining(te.te_id, True)
+                continue
             if te.state == "ready" and te.info is not None:
-                if (
-                    current is not None
-                    and current.info.incarnation == te.info.incarnation
-                    and current.is_alive()
-                ):
+                if same:
+                    if group is not None:
+                        group.set_draining(te.te_id, False)
                     continue
                 if current is not None:
                     current.mark_dead(f"replaced by incarnation {te.info.incarnation}")
-                    if te.model not in self.groups:
+                    if group is None:
                         current.shutdown()  # no group reads it yet: close it here
                 client = RemoteTEClient(te.info, self.je_id, self._context)
                 self._clients[te.te_id] = client
                 self._known_at[te.te_id] = time.time()
-                group = self.groups.get(te.model)
                 if group is not None:
                     group.add_te(te.te_id, client)
                 logger.info(
@@ -150,7 +154,7 @@ class JobExecutor:
             elif (
                 current is not None
                 and current.is_alive()
-                and (te.state == "dead" or te.incarnation != current.info.incarnation)
+                and (te.state in ("dead", "removed") or te.incarnation != current.info.incarnation)
             ):
                 current.mark_dead(f"the cluster manager reports it {te.state}")
         for te_id in set(self._clients) - listed:
@@ -181,17 +185,30 @@ class JobExecutor:
             except Exception:  # a busy or broken file must not stop the JE serving
                 logger.exception("could not store job records")
 
-    async def cluster(self, timeout: float = 2.0) -> dict[str, Any]:
-        query_id = next(self._query_ids)
-        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._queries[query_id] = waiter
+    async def _ask(self, message: m.ClusterQuery | m.ScaleGroup, timeout: float) -> Any:
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queries[message.query_id] = waiter
         try:
-            await self._cm.send(m.encoder.encode(m.ClusterQuery(query_id=query_id)))
-            report = await asyncio.wait_for(waiter, timeout)
+            await self._cm.send(m.encoder.encode(message))
+            return await asyncio.wait_for(waiter, timeout)
         except TimeoutError:
             raise TimeoutError(f"the cluster manager did not answer within {timeout:.0f} s") from None
         finally:
-            self._queries.pop(query_id, None)
+            self._queries.pop(message.query_id, None)
+
+    async def cluster(self, timeout: float = 2.0) -> dict[str, Any]:
+        answer: m.ClusterReport = await self._ask(m.ClusterQuery(query_id=next(self._query_ids)), timeout)
+        return self._with_je(answer.report)
+
+    async def scale(self, model: str, tes: int, timeout: float = 5.0) -> dict[str, Any]:
+        """Ask the CM to run `tes` TEs of `model`; ValueError when it refuses. Returns the cluster report."""
+        query = m.ScaleGroup(query_id=next(self._query_ids), model=model, tes=tes)
+        answer: m.ScaleResult = await self._ask(query, timeout)
+        if answer.error is not None:
+            raise ValueError(answer.error)
+        return self._with_je(answer.report)
+
+    def _with_je(self, report: dict[str, Any]) -> dict[str, Any]:
         report["job_executor"] = {
             "je_id": self.je_id,
             "pid": os.getpid(),

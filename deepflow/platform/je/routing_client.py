@@ -63,6 +63,7 @@ class _TE:
     routed_tokens: int = 0  # routed here since its last stats: not in its report yet
     requests: set[str] = field(default_factory=set)
     dead: bool = False
+    draining: bool = False  # scaled down: finishes its requests, gets no new ones
 
     def load(self) -> TELoad:
         s = self.stats
@@ -72,7 +73,7 @@ class _TE:
             num_waiting=(s.num_waiting if s else 0) + (1 if self.routed_tokens else 0),
             outstanding_tokens=(s.outstanding_tokens if s else 0) + self.routed_tokens,
             kv_usage=s.kv_cache_usage if s else 0.0,
-            healthy=not self.dead and self.client.is_alive(),
+            healthy=not self.dead and not self.draining and self.client.is_alive(),
         )
 
 
@@ -121,6 +122,13 @@ class RoutingCoreClient:
             self._pumps.append(asyncio.create_task(self._pump(te)))
         logger.info("TE %s joined group %s", te_id, self.model or "-")
 
+    def set_draining(self, te_id: str, draining: bool) -> None:
+        """Stop (or resume) routing new requests to a TE; the requests it has run to their end."""
+        te = self.tes.get(te_id)
+        if te is not None and te.draining != draining:
+            te.draining = draining
+            logger.info("TE %s of group %s %s", te_id, self.model or "-", "drains" if draining else "serves")
+
     def _publish(self, item: EngineCoreOutputs | BaseException) -> None:
         if self._merged is not None:
             self._merged.put_nowait(item)
@@ -129,7 +137,7 @@ class RoutingCoreClient:
     def route(self, request: EngineCoreRequest) -> str:
         """The TE a request goes to (it is not sent)."""
         owner = self._context_owner.get(request.context_id) if request.context_id is not None else None
-        if owner is not None and not owner.dead and owner.client.is_alive():
+        if owner is not None and not owner.dead and not owner.draining and owner.client.is_alive():
             self._decided(request.request_id, Decision(te_id=owner.te_id, reason=Reason.CONTEXT))
             return owner.te_id
         return self._select(request, excluded=set())
