@@ -2,8 +2,9 @@
 
 It starts every TE of the spec as a local process, keeps a registry of TEs and JEs (SQLite, so a restarted
 manager adopts the running TEs instead of starting new ones), watches them (process exit, heartbeats,
-startup time), restarts a dead TE under a new incarnation, and pushes the TE list to every job executor the
-moment it changes. A plain loop over one ROUTER socket: no threads, no asyncio.
+startup time), restarts a dead TE under a new incarnation, scales a group on command (new TEs start, surplus
+ones drain and stop), and pushes the TE list to every job executor the moment it changes. A plain loop over
+one ROUTER socket: no threads, no asyncio.
 """
 
 from __future__ import annotations
