@@ -8,9 +8,13 @@ whatever prefix matches.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi.responses import JSONResponse
@@ -100,6 +104,55 @@ class ContextRegistry:
                 param="cache_salt",
             )
         return context, context.cache_salt
+
+
+class SQLiteContextRegistry(ContextRegistry):
+    """The registry in a SQLite file that several job executors share (they share the port, so a context
+    made through one is named in requests reaching another), and that outlives a restarted one."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(clock)
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS contexts"
+            " (id TEXT PRIMARY KEY, expires_at REAL NOT NULL, body TEXT NOT NULL)"
+        )
+
+    def __len__(self) -> int:
+        self.prune()
+        return int(self._db.execute("SELECT COUNT(*) FROM contexts").fetchone()[0])
+
+    def add(self, context: Context) -> None:
+        self.prune()
+        body = {
+            **dataclasses.asdict(context),
+            "messages": None if context.messages is None else [m.model_dump() for m in context.messages],
+        }
+        self._db.execute(
+            "INSERT OR REPLACE INTO contexts VALUES (?, ?, ?)",
+            (context.id, context.expires_at, json.dumps(body)),
+        )
+
+    def get(self, context_id: str) -> Context:
+        row = self._db.execute(
+            "SELECT body FROM contexts WHERE id = ? AND expires_at > ?", (context_id, self.clock())
+        ).fetchone()
+        if row is None:
+            raise context_not_found(context_id)
+        body = json.loads(row[0])
+        messages = body.pop("messages")
+        return Context(
+            **body, messages=None if messages is None else [ChatMessage.model_validate(m) for m in messages]
+        )
+
+    def pop(self, context_id: str) -> Context:
+        context = self.get(context_id)
+        self._db.execute("DELETE FROM contexts WHERE id = ?", (context_id,))
+        return context
+
+    def prune(self) -> None:
+        self._db.execute("DELETE FROM contexts WHERE expires_at <= ?", (self.clock(),))
 
 
 async def _context_tokens(state: ServerState, body: ContextCreateRequest) -> tuple[list[int], str]:

@@ -153,11 +153,14 @@ def build_app(
     api_key: str | None = None,
     *,
     platform: PlatformView | None = None,
+    contexts: ContextRegistry | None = None,
 ) -> FastAPI:
     """The app serving `models` (served name -> engine, the first the default for bodies without `model`),
     or one engine as `served_model_name`; `/v1/*` and the admin routes need `api_key` when one is set.
-    `platform` (the job executor) answers the admin routes `/v1/jobs/{id}` and `/v1/cluster`."""
-    served = ServedModels(_engines_by_name(models, served_model_name), ContextRegistry(), api_key)
+    `platform` (the job executor) answers the admin routes `/v1/jobs/{id}` and `/v1/cluster`; `contexts`
+    replaces the in-memory context registry (job executors share one in SQLite)."""
+    registry = contexts if contexts is not None else ContextRegistry()
+    served = ServedModels(_engines_by_name(models, served_model_name), registry, api_key)
     metrics = HTTPMetrics(served.engines)
     app = FastAPI(title="DeepFlow", version=__version__)
     app.state.server = served

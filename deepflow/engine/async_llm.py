@@ -299,13 +299,12 @@ class AsyncLLM:
         )
 
     async def delete_context(self, context_id: str) -> bool:
-        """Unpin a context; False when it is unknown or already expired."""
+        """Unpin a context; False when this front end does not know it (another one made it: the engine is
+        told all the same) or it had already expired."""
         expires_at = self._contexts.pop(context_id, None)
-        if expires_at is None:
-            return False
         if self.is_alive():
             self.client.send(ReleaseContext(context_id=context_id))
-        return expires_at > time.time()
+        return expires_at is not None and expires_at > time.time()
 
     async def reset_prefix_cache(self) -> bool:
         """Drop every cached block no request or context uses, in both tiers."""

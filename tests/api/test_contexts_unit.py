@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from deepflow.api.contexts import Context
+from deepflow.api.errors import APIError
 from deepflow.api.protocol import MAX_CONTEXT_TTL, ChatMessage
 from deepflow.api.server import build_app
 from deepflow.cli import build_parser
@@ -376,3 +377,26 @@ def test_cache_flags_reach_the_engine_config(monkeypatch: pytest.MonkeyPatch) ->
     (model,) = build_spec(build_parser().parse_args(["serve", "--served-model-name", "m"])).models
     assert model.engine.enable_prefix_caching is True and model.engine.max_context_tokens is None
     assert model.engine.host_cache_memory == default.host_cache_memory
+
+
+def test_sqlite_registry_is_shared_and_expires(tmp_path: Path) -> None:
+    """Two job executors' registries over one file: what one adds the other resolves, deletes and expires."""
+    from deepflow.api.contexts import SQLiteContextRegistry
+
+    now = [1000.0]
+    one = SQLiteContextRegistry(tmp_path / "contexts.db", clock=lambda: now[0])
+    other = SQLiteContextRegistry(tmp_path / "contexts.db", clock=lambda: now[0])
+    messages = [ChatMessage.model_validate({"role": "system", "content": "Be brief."})]
+    chat_ctx = Context("ctx-a", "m", [1, 2, 3], messages, None, "salt", 1000, expires_at=1060.0)
+    prompt_ctx = Context("ctx-b", "m", [4, 5], None, [4, 5], None, 1000, expires_at=1010.0)
+    one.add(chat_ctx)
+    one.add(prompt_ctx)
+    assert other.get("ctx-a") == chat_ctx and other.get("ctx-b") == prompt_ctx and len(other) == 2
+    assert other.resolve("ctx-a", None, "m") == (chat_ctx, "salt")
+    now[0] = 1010.0  # ctx-b's TTL ran out
+    with pytest.raises(APIError) as missing:
+        one.get("ctx-b")
+    assert missing.value.status_code == 404 and len(one) == 1
+    assert other.pop("ctx-a") == chat_ctx
+    with pytest.raises(APIError):
+        one.get("ctx-a")

@@ -219,11 +219,13 @@ def test_cm_and_je_restarts_lose_no_te(server: ServerProcess, http: httpx.Client
     assert wait_for(new_cm, 60)
     assert wait_for(lambda: all(te["state"] == "ready" for te in cluster(http)["tes"]), 30)
     assert te_pids(cluster(http)) == pids  # adopted, not restarted
-    # What the JE holds: a finished job (kept in the shared job store) and a pinned context (its registry
-    # dies with the JE, so the TE unpins it when the new JE says hello).
+    # What a JE made outlives it: a finished job and a pinned context (both in SQLite files the JEs share;
+    # the context's KV stays pinned on its TE).
     job_id = http.post("/v1/chat/completions", json=chat(server.model, "Which pier?")).json()["id"]
-    context = {"model": server.model, "prompt": SYSTEM * 4, "ttl_seconds": 600}
-    assert http.post("/v1/contexts", json=context).status_code == 200
+    context = {"model": server.model, "messages": [{"role": "system", "content": SYSTEM * 4}]}
+    made = http.post("/v1/contexts", json={**context, "ttl_seconds": 600})
+    assert made.status_code == 200, made.text
+    context_id, context_tokens = made.json()["id"], made.json()["tokens"]
 
     def pinned() -> int:
         return sum(te["pinned_context_tokens"] or 0 for te in cluster(http)["tes"])
@@ -244,7 +246,16 @@ def test_cm_and_je_restarts_lose_no_te(server: ServerProcess, http: httpx.Client
     assert te_pids(after) == pids and all(alive(pid) for pid in pids.values())
     job = http.get(f"/v1/jobs/{job_id}")
     assert job.status_code == 200 and job.json()["state"] == "finished", job.text
-    assert wait_for(lambda: pinned() == 0, 10)
+    assert http.get(f"/v1/contexts/{context_id}").status_code == 200 and pinned() > 0
+    # The new JE never saw the context made: the prompt tree (the TEs' residency snapshot) routes to its TE.
+    reply = http.post(
+        "/v1/chat/completions", json={**chat(server.model, "Which pier?"), "messages": [
+            {"role": "user", "content": "Which pier?"}], "context_id": context_id}
+    )  # fmt: skip
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= context_tokens - 16
+    assert http.delete(f"/v1/contexts/{context_id}").status_code == 200
+    assert wait_for(lambda: pinned() == 0, 10)  # unpinned on its TE, though this JE never knew where it was
 
 
 def test_scaling_up_then_down_drains_without_losing_a_request(

@@ -24,6 +24,7 @@ logger = logging.getLogger("deepflow.platform.je")
 async def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from deepflow.api.contexts import SQLiteContextRegistry
     from deepflow.api.server import build_app
     from deepflow.platform.je.executor import JobExecutor
     from deepflow.platform.spec import ClusterSpec
@@ -33,7 +34,10 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         await executor.start()
         app = build_app(
-            dict(executor.engines), api_key=os.environ.get("DEEPFLOW_API_KEY") or None, platform=executor
+            dict(executor.engines),
+            api_key=os.environ.get("DEEPFLOW_API_KEY") or None,
+            platform=executor,
+            contexts=SQLiteContextRegistry(args.run_dir / "contexts.db"),  # shared by the JEs, outlives them
         )
         server = uvicorn.Server(
             uvicorn.Config(

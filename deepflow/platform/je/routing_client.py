@@ -243,8 +243,11 @@ class RoutingCoreClient:
     def send(self, command: Command) -> None:
         if isinstance(command, ReleaseContext):
             te = self._context_owner.pop(command.context_id, None)
-            if te is not None:
-                te.client.send(command)
+            # Made through another JE (or before a restart of this one): whichever TE pins it unpins it.
+            for target in [te] if te is not None else list(self.tes.values()):
+                if not target.dead:
+                    with contextlib.suppress(EngineDeadError):
+                        target.client.send(command)
         elif isinstance(command, ResetPrefixCache):
             for te in self.tes.values():
                 if not te.dead:

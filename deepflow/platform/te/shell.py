@@ -20,7 +20,7 @@ import msgspec
 import zmq
 
 from deepflow.engine.config import EngineConfig
-from deepflow.engine.core_client import AddRequest, Command, ReleaseContext, Shutdown, run_core_loop
+from deepflow.engine.core_client import AddRequest, Command, Shutdown, run_core_loop
 from deepflow.engine.request import EngineCoreOutput, EngineCoreOutputs
 from deepflow.platform import messages as m
 
@@ -76,7 +76,6 @@ class TEShell:
         self._poller.register(self._cm, zmq.POLLIN)
         self._peers: dict[bytes, int] = {}  # JE identity -> its incarnation
         self._owner: dict[str, bytes] = {}  # live request id -> the JE that sent it
-        self._context_creator: dict[str, bytes] = {}  # context id -> the JE whose registry names it
         self._last_heartbeat = 0.0
 
     # ---- the loop --------------------------------------------------------------------------------------
@@ -117,10 +116,6 @@ class TEShell:
                 if isinstance(command, AddRequest):
                     self._owner[command.request.request_id] = peer
                     self._peers.setdefault(peer, 0)
-                    if command.request.create_context is not None:
-                        self._context_creator[command.request.create_context.context_id] = peer
-                elif isinstance(command, ReleaseContext):
-                    self._context_creator.pop(command.context_id, None)
                 return command
             if not block:
                 return None
@@ -134,13 +129,6 @@ class TEShell:
             if orphans:
                 logger.warning("TE %s aborts %d requests of a restarted JE", self.te_id, len(orphans))
                 self._emit(EngineCoreOutputs(outputs=self.core.abort(orphans)))
-            # Its contexts too: the registry that named them died with it, so no request can use them.
-            contexts = [cid for cid, creator in self._context_creator.items() if creator == peer]
-            for context_id in contexts:
-                del self._context_creator[context_id]
-                self.core.release_context(context_id)
-            if contexts:
-                logger.warning("TE %s released %d contexts of a restarted JE", self.te_id, len(contexts))
         # The new JE's load view and prompt tree start now: today's stats and everything cached so far.
         # (Events not yet taken are published with the next step; replaying one twice is harmless.)
         state = EngineCoreOutputs(
