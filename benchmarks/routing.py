@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -75,6 +76,16 @@ def scrape(url: str) -> dict[str, float]:
     return values
 
 
+def routing_reasons(url: str) -> dict[str, int]:
+    """The JE's routing decisions so far, by reason, summed over its models."""
+    report = httpx.get(url + "/v1/cluster", timeout=30.0).json()["job_executor"]["routing_reasons"]
+    out: dict[str, int] = {}
+    for per_model in report.values():
+        for reason, count in per_model.items():
+            out[reason] = out.get(reason, 0) + count
+    return out
+
+
 def run_policy(policy: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     cmd = [
         str(DEEPFLOW),
@@ -100,11 +111,10 @@ def run_policy(policy: str, args: argparse.Namespace, out: Path) -> dict[str, An
             timeout=120.0,
         )
         smoke.raise_for_status()
-        before = scrape(server.url)
         config = BenchConfig(
             base_url=server.url,
             model=model,
-            dataset="multi-turn",
+            dataset=args.dataset,
             num_prompts=args.conversations,
             num_turns=args.turns,
             prefix_len=args.prefix_len,
@@ -116,16 +126,23 @@ def run_policy(policy: str, args: argparse.Namespace, out: Path) -> dict[str, An
             tokenizer=args.model,
             label=policy,
         )
+        if args.prime:
+            primer = dataclasses.replace(config, num_prompts=args.prime, concurrency=1, rps=None)
+            asyncio.run(run_benchmark(primer))
         load = f"rps={args.rps}" if args.rps else f"c={args.concurrency}"
-        log(f"{policy}: {args.conversations} conversations x {args.turns} turns, {load}")
+        log(f"{policy}: {args.dataset}, {args.conversations} conversations x {args.turns} turns, {load}")
+        before = scrape(server.url)
+        reasons_before = routing_reasons(server.url)
         t0 = time.perf_counter()
         result = asyncio.run(run_benchmark(config))
         wall = time.perf_counter() - t0
         after = scrape(server.url)
         cold_start = server.cold_start_s
-        reasons = httpx.get(server.url + "/v1/cluster", timeout=30.0).json()["job_executor"][
-            "routing_reasons"
-        ]
+        reasons = {
+            reason: count - reasons_before.get(reason, 0)
+            for reason, count in routing_reasons(server.url).items()
+            if count > reasons_before.get(reason, 0)
+        }
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
     s = result.summary
     queries = delta.get(QUERIES)
@@ -141,7 +158,7 @@ def run_policy(policy: str, args: argparse.Namespace, out: Path) -> dict[str, An
         "output_throughput": s.output_throughput,
         "failed": s.failed,
         "errors": s.errors,
-        "routing_reasons": {k: v for per_model in reasons.values() for k, v in per_model.items()},
+        "routing_reasons": reasons,
         "metrics_delta": delta,
         "bench": result.to_dict(),
     }
@@ -216,7 +233,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     p.add_argument("--tes", type=int, default=2, help="task executors per server")
-    p.add_argument("--conversations", type=int, default=10)
+    p.add_argument(
+        "--dataset",
+        default="multi-turn",
+        choices=["multi-turn", "shared-prefix"],
+        help="shared-prefix: every request starts with one prefix of --prefix-len (a hot prefix)",
+    )
+    p.add_argument("--conversations", type=int, default=10, help="conversations (shared-prefix: requests)")
+    p.add_argument(
+        "--prime",
+        type=int,
+        default=0,
+        help="first send this many of the workload's requests one at a time, unmeasured: the prefix is then "
+        "cached on one TE only, as when a burst follows the first requests of a new prompt",
+    )
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--prefix-len", type=int, default=256, help="tokens of the shared system prompt")
     p.add_argument("--input-len", type=int, default=128, help="tokens of every user turn")
@@ -246,9 +276,14 @@ def main() -> None:
             results.append({"round": round_, **run_policy(policy, args, out)})
             r = results[-1]
             log(f"{policy}: hit rate {r['hit_rate']}, TTFT {r['ttft_mean_ms']} ms, {r['bench_wall_s']:.1f} s")
+    work = (
+        f"{args.conversations} requests after one shared {args.prefix_len}-token prefix, prompts "
+        if args.dataset == "shared-prefix"
+        else f"{args.conversations} conversations x {args.turns} turns, system prompt {args.prefix_len}, "
+        "user turns "
+    )
     header = (
-        f"{args.tes} TEs; {args.conversations} conversations x {args.turns} turns, system prompt "
-        f"{args.prefix_len}, user turns {args.input_len}, output {args.output_len} tokens, "
+        f"{args.tes} TEs; {work}{args.input_len}, output {args.output_len} tokens, "
         + (
             f"conversations starting at {args.rps}/s (open loop)"
             if args.rps
