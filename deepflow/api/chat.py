@@ -80,6 +80,7 @@ async def create_chat_completion(
             priority=body.priority or 0,
             cache_salt=cache_salt,
             context_id=context.id if context is not None else None,
+            restartable=not body.streaming,  # nothing is shown before the end: a TE failure can start over
         )
     except Exception as exc:
         return submit_refused(request_id, exc, streaming=body.streaming)

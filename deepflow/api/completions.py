@@ -71,6 +71,7 @@ async def create_completion(models: ServedModels, body: CompletionRequest, reque
             priority=body.priority or 0,
             cache_salt=cache_salt,
             context_id=context.id if context is not None else None,
+            restartable=not body.streaming,  # nothing is shown before the end: a TE failure can start over
         )
 
     try:

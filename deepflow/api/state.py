@@ -52,6 +52,7 @@ class EngineClient(Protocol):
         priority: int = 0,
         cache_salt: str | None = None,
         context_id: str | None = None,
+        restartable: bool = False,
     ) -> EngineStream: ...
 
     def generate(

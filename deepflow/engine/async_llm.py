@@ -135,12 +135,14 @@ class AsyncLLM:
         priority: int = 0,
         cache_salt: str | None = None,
         context_id: str | None = None,
+        restartable: bool = False,
     ) -> RequestStream:
         """Validate and hand the request to the core now (a routed core picks its TE here); stream later.
 
         The returned `RequestStream` yields a RequestOutput each time the request advances (the last has
         `finished` set) and names the TEs serving it (`te_ids`). Closing it early aborts the request; it must
-        be closed (or read to the end) so the request's bookkeeping is released."""
+        be closed (or read to the end) so the request's bookkeeping is released. `restartable`: the caller
+        shows only the final output, so after a TE failure the request may start over elsewhere."""
         params = sampling_params or SamplingParams()
         params.validate()
         if self._dead is not None:
@@ -178,6 +180,7 @@ class AsyncLLM:
                         priority=priority,
                         cache_salt=cache_salt or "",
                         context_id=context_id,
+                        restartable=restartable,
                     )
                 )
         except BaseException:

@@ -63,10 +63,17 @@ class SequenceState:
         self, index: int, params: SamplingParams, tokenizer: Tokenizer | None, prompt_ids: list[int]
     ):
         self.params = params
+        self._tokenizer = tokenizer
+        self._prompt_ids = prompt_ids
+        self.restart(index)
+
+    def restart(self, index: int) -> None:
+        """Forget everything produced: the sequence starts over (its TE failed before it was shown)."""
+        params = self.params
         self.output = CompletionOutput(index=index, logprobs=[] if params.logprobs is not None else None)
         self.detokenizer: IncrementalDetokenizer | None = None
-        if tokenizer is not None:
-            self.detokenizer = IncrementalDetokenizer.from_params(tokenizer, prompt_ids, params)
+        if self._tokenizer is not None:
+            self.detokenizer = IncrementalDetokenizer.from_params(self._tokenizer, self._prompt_ids, params)
 
     def apply(self, out: EngineCoreOutput) -> bool:
         """Fold one engine output in; True when a stop string ended the sequence (the core must abort it)."""
@@ -174,6 +181,9 @@ class OutputProcessor:
             if entry is None:
                 continue
             state, seq = entry
+            if out.restarted:
+                seq.restart(seq.output.index)
+                continue
             if seq.output.finished:
                 continue
             state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)

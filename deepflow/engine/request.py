@@ -42,6 +42,9 @@ class EngineCoreRequest(msgspec.Struct, kw_only=True):
     cache_salt: str = ""  # prefix-cache namespace: requests of different salts never share cached KV
     context_id: str | None = None  # the prompt starts with this pinned context's tokens
     create_context: CreateContext | None = None  # compute the prompt's KV and pin it as a context
+    # Its outputs reach the client only when it ends (not streamed): if its TE fails, it may start over
+    # on another even after producing tokens.
+    restartable: bool = False
 
 
 class Request:
@@ -177,6 +180,7 @@ class EngineCoreOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     queue_time: float | None = None  # on a request's first output: seconds from arrival to first scheduled
     context_pinned_tokens: int | None = None  # a context-creating request's pinned tokens, when it finishes
     error_type: str | None = None  # a rejected request: "invalid" or "context_limit"
+    restarted: bool = False  # the sequence starts over on another TE: forget what it produced so far
 
 
 class SchedulerStats(msgspec.Struct, kw_only=True):

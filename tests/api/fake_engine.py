@@ -132,6 +132,7 @@ class FakeEngine:
         priority: int = 0,
         cache_salt: str | None = None,
         context_id: str | None = None,
+        restartable: bool = False,
     ) -> FakeStream:
         params = sampling_params or SamplingParams()
         assert isinstance(prompt, list)

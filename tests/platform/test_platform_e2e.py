@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -161,8 +162,23 @@ def test_killed_te_loses_no_unstreamed_request_and_comes_back(
         )
         for i in range(12)
     ]
+    # Non-streaming requests show nothing before the end: whatever their TE produced, they start over.
+    whole: dict[int, httpx.Response] = {}
+
+    def ask(i: int) -> None:
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=300) as client:
+            body = chat(server.model, f"Spell {i + 3} words.", 48, ignore_eos=True)
+            whole[i] = client.post("/v1/chat/completions", json=body)
+
+    asking = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for thread in asking:  # first, so they are decoding on both TEs when one is killed
+        thread.start()
+    busy = lambda: sum(te["load"]["running"] for te in cluster(http)["tes"] if te["load"])  # noqa: E731
+    assert wait_for(lambda: busy() >= 4, 60, 0.05)
+    time.sleep(0.3)  # a few tokens each
     for thread in threads:
         thread.start()
+    threads += asking
     assert wait_for(
         lambda: any(te["load"] and te["load"]["waiting"] for te in cluster(http)["tes"]), 60, 0.05
     )
@@ -170,7 +186,7 @@ def test_killed_te_loses_no_unstreamed_request_and_comes_back(
     os.kill(victim["pid"], signal.SIGKILL)
     for thread in threads:
         thread.join(timeout=300)
-    assert len(results) == 12
+    assert len(results) == 12 and len(whole) == 4
     attempts = []
     for job_id, contents, error in results.values():
         job = http.get(f"/v1/jobs/{job_id}").json()
@@ -182,6 +198,9 @@ def test_killed_te_loses_no_unstreamed_request_and_comes_back(
             assert job["state"] == "failed"
         else:
             assert job["state"] == "finished", job
+    for reply in whole.values():  # every non-streaming request completed, retried or not
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] == 48
     retried = [a for a in attempts if len(a) == 2]
     assert retried and all(a[0] == victim["te_id"] and a[1] != victim["te_id"] for a in retried), attempts
 

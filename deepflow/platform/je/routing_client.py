@@ -308,15 +308,23 @@ class RoutingCoreClient:
         for request_id in sorted(te.requests):
             request = self._requests.get(request_id)
             self._owner.pop(request_id, None)
+            streamed = request_id in self._streamed
             retry = (
                 request is not None
-                and request_id not in self._streamed
+                and (not streamed or request.restartable)
                 and request_id not in self._aborted
                 and request.create_context is None
             )
             if retry:
                 assert request is not None
                 try:
+                    if streamed:  # its tokens never left the JE: the front end starts it over
+                        self._streamed.discard(request_id)
+                        if (job_task := self._tasks.get(request_id)) is not None:
+                            job_task[1].streamed = False
+                        ended.append(
+                            EngineCoreOutput(request_id=request_id, new_token_ids=[], restarted=True)
+                        )
                     self.add_request(request)
                     logger.warning("request %s retried after TE %s failed", request_id, te.te_id)
                     continue

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from deepflow.engine.core_client import EngineDeadError, ResetPrefixCache
@@ -176,6 +177,47 @@ def test_aborted_requests_are_not_retried_and_bad_or_stale_batches_are_contained
         b.outputs.put_nowait(EngineCoreOutputs(outputs=[token("q", FinishReason.LENGTH)]))
         batch = await next_batch(group)
         assert [o.request_id for o in batch.outputs] == ["q"]
+        group.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_a_restartable_request_starts_over_on_another_te_and_its_client_sees_only_the_new_run() -> None:
+    """A non-streaming request (restartable) whose TE dies after producing tokens is retried: the front end
+    is told to forget the dead TE's tokens, and the job records a second attempt."""
+    from deepflow.engine.outputs import OutputProcessor, RequestState
+
+    async def scenario() -> None:
+        jobs = JobTracker()
+        a, b = FakeTE(), FakeTE()
+        group = RoutingCoreClient({"te-0": a, "te-1": b}, make_policy("round_robin"), 16, jobs=jobs)
+        group.start()
+        processor = OutputProcessor()
+        state = RequestState("job", None, [5, 6, 7], SamplingParams(max_tokens=4), tokenizer=None)
+        processor.add(state)
+        group.add_request(msgspec.structs.replace(request("job"), restartable=True))
+        assert group.te_of("job") == "te-0"
+        a.outputs.put_nowait(EngineCoreOutputs(outputs=[token("job"), token("job")]))
+        processor.process((await next_batch(group)).outputs)
+        assert state.sequences["job"].output.token_ids == [9, 9]
+        a.kill()
+        restarted = await next_batch(group)
+        assert [(o.request_id, o.restarted, o.finish_reason) for o in restarted.outputs] == [
+            ("job", True, None)
+        ]
+        processor.process(restarted.outputs)
+        assert state.sequences["job"].output.token_ids == [] and group.te_of("job") == "te-1"
+        b.outputs.put_nowait(EngineCoreOutputs(outputs=[EngineCoreOutput(
+            request_id="job", new_token_ids=[3, 4], finish_reason=FinishReason.LENGTH)]))  # fmt: skip
+        processor.process((await next_batch(group)).outputs)
+        seq = state.sequences["job"].output
+        assert seq.token_ids == [3, 4] and seq.finish_reason == "length"
+        job = jobs.get("job")
+        assert job is not None and job.state == State.FINISHED
+        assert [(t.te_id, t.outcome) for t in job.tasks[0].attempts] == [
+            ("te-0", "te_died"),
+            ("te-1", "finished"),
+        ]
         group.shutdown()
 
     asyncio.run(scenario())
