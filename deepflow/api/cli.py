@@ -16,6 +16,8 @@ import signal
 import sys
 from typing import Any
 
+from deepflow.platform.procs import http_url
+
 # Lifecycle lines (starting, ready, stopped) show at every --log-level: scripts wait for the ready line.
 logger = logging.getLogger("deepflow.serve")
 
@@ -142,15 +144,11 @@ def resolve_api_key(args: argparse.Namespace) -> str | None:
     return args.api_key or os.environ.get("DEEPFLOW_API_KEY") or None
 
 
-def _url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
 async def _announce_ready(server: Any, host: str, name: str) -> None:
     while not server.started:
         await asyncio.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]  # the real one when --port 0
-    logger.info("DeepFlow ready: %s (model %s)", _url(host, port), name)
+    logger.info("DeepFlow ready: %s (model %s)", http_url(host, port), name)
 
 
 async def _serve(server: Any, engine: Any, host: str, name: str) -> int:
@@ -254,7 +252,7 @@ def serve_standalone(args: argparse.Namespace, spec: Any) -> int:
         return 2
     model = spec.models[0]
     name = model.name
-    logger.info("starting DeepFlow for model %s on %s", name, _url(args.host, args.port))
+    logger.info("starting DeepFlow for model %s on %s", name, http_url(args.host, args.port))
     try:
         engine = deepflow.AsyncLLM(model.engine, None, model_name=name)
     except EngineDeadError as exc:

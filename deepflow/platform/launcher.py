@@ -24,16 +24,12 @@ from pathlib import Path
 
 import httpx
 
-from deepflow.platform.procs import kill_quietly
+from deepflow.platform.procs import http_url, kill_quietly
 from deepflow.platform.spec import ClusterSpec
 
 logger = logging.getLogger("deepflow.serve")
 
 RESTART_BACKOFF = (0.5, 30.0)  # first delay, cap: doubled for each restart within a minute
-
-
-def _url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 class Launcher:
@@ -49,7 +45,7 @@ class Launcher:
         self.listener = socket.create_server((spec.host, spec.port), family=family, backlog=2048)
         self.listener.set_inheritable(True)
         self.port = self.listener.getsockname()[1]
-        self.url = _url(spec.host, self.port)
+        self.url = http_url(spec.host, self.port)
         self._lifeline_read, self._lifeline_write = os.pipe()
         os.set_inheritable(self._lifeline_read, True)
         self.cm: subprocess.Popen[bytes] | None = None

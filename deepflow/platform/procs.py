@@ -27,6 +27,11 @@ def setup_logging(level: str, process_name: str) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT)
 
 
+def http_url(host: str, port: int) -> str:
+    """The base URL of a server listening on `host`:`port` (IPv6 literals in brackets)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def watch_lifeline(fd: int | None, on_lost: Callable[[], None]) -> None:
     """Call `on_lost` (on a daemon thread) once the launcher's end of the lifeline closes."""
     if fd is None:

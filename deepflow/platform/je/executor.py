@@ -54,9 +54,9 @@ class JobExecutor:
         self._clients: dict[str, RemoteTEClient] = {}  # te id -> its current incarnation's client
         self._known_at: dict[str, float] = {}  # te id -> when this JE connected to its current incarnation
         self._view_version = ""
-        self._first_view = asyncio.Event()
+        self._view_applied = asyncio.Event()
         self._query_ids = itertools.count(1)
-        self._queries: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._queries: dict[int, asyncio.Future[Any]] = {}  # query id -> the CM's answer
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---- startup ---------------------------------------------------------------------------------------
@@ -68,8 +68,8 @@ class JobExecutor:
             asyncio.create_task(self._flush_jobs()),
         ]
         while not self._all_models_ready():
-            self._first_view.clear()
-            await self._first_view.wait()
+            self._view_applied.clear()
+            await self._view_applied.wait()
         workers = self.spec.tokenizer_workers
         workers = default_tokenizer_workers() if workers is None else workers
         for model in self.spec.models:
@@ -77,7 +77,7 @@ class JobExecutor:
                 te_id: c for te_id, c in self._clients.items() if c.info.model == model.name and c.is_alive()
             }
             group = RoutingCoreClient(
-                dict(clients),
+                clients,
                 make_policy(model.policy),
                 block_size=next(iter(clients.values())).info.block_size,
                 jobs=self.jobs,
@@ -159,7 +159,7 @@ class JobExecutor:
                 current.mark_dead(f"the cluster manager reports it {te.state}")
         for te_id in set(self._clients) - listed:
             self._clients.pop(te_id).mark_dead("no longer in the cluster")
-        self._first_view.set()
+        self._view_applied.set()
 
     # ---- the PlatformView the HTTP edge shows ------------------------------------------------------------
     def job(self, job_id: str) -> dict[str, Any] | None:

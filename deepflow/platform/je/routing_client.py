@@ -134,35 +134,29 @@ class RoutingCoreClient:
             self._merged.put_nowait(item)
 
     # ---- routing ---------------------------------------------------------------------------------------
-    def route(self, request: EngineCoreRequest) -> str:
-        """The TE a request goes to (it is not sent)."""
+    def route(self, request: EngineCoreRequest, excluded: frozenset[str] = frozenset()) -> Decision:
+        """Where a request goes (it is not sent): the TE of the context it names, else the policy's pick
+        among the healthy TEs not `excluded`."""
         owner = self._context_owner.get(request.context_id) if request.context_id is not None else None
-        if owner is not None and not owner.dead and not owner.draining and owner.client.is_alive():
-            self._decided(request.request_id, Decision(te_id=owner.te_id, reason=Reason.CONTEXT))
-            return owner.te_id
-        return self._select(request, excluded=set())
-
-    def _select(self, request: EngineCoreRequest, excluded: set[str]) -> str:
-        loads = [te.load() for te in self.tes.values()]
-        if excluded:
-            loads = [msgspec.structs.replace(load, healthy=False) if load.te_id in excluded else load
-                     for load in loads]  # fmt: skip
-        snapshot = GroupSnapshot(tes=loads, tree=self.tree)
-        decision = self.policy.select(
-            RoutingRequest(
-                request_id=request.request_id,
-                prompt_token_ids=request.prompt_token_ids,
-                cache_salt=request.cache_salt,
-                expected_output_tokens=request.sampling_params.max_tokens,
-            ),
-            snapshot,
-        )
-        self._decided(request.request_id, decision)
-        return decision.te_id
-
-    def _decided(self, request_id: str, decision: Decision) -> None:
-        self.decisions.append((request_id, decision))
+        if owner is not None and owner.load().healthy and owner.te_id not in excluded:
+            decision = Decision(te_id=owner.te_id, reason=Reason.CONTEXT)
+        else:
+            loads = [te.load() for te in self.tes.values()]
+            if excluded:
+                loads = [msgspec.structs.replace(load, healthy=False) if load.te_id in excluded else load
+                         for load in loads]  # fmt: skip
+            decision = self.policy.select(
+                RoutingRequest(
+                    request_id=request.request_id,
+                    prompt_token_ids=request.prompt_token_ids,
+                    cache_salt=request.cache_salt,
+                    expected_output_tokens=request.sampling_params.max_tokens,
+                ),
+                GroupSnapshot(tes=loads, tree=self.tree),
+            )
+        self.decisions.append((request.request_id, decision))
         self.reason_counts[str(decision.reason)] += 1
+        return decision
 
     def te_of(self, request_id: str) -> str | None:
         te = self._owner.get(request_id)
@@ -171,14 +165,15 @@ class RoutingCoreClient:
     def add_request(self, request: EngineCoreRequest) -> None:
         job_task = self._tasks.get(request.request_id) or self._new_task(request)
         self._move(job_task, State.QUEUED)
-        refused: set[str] = set()  # TEs whose socket refused the request (dead, not yet reported so)
+        refused: frozenset[str] = frozenset()  # TEs whose socket refused it (dead, not yet reported so)
         while True:
             try:
-                te = self.tes[self.route(request) if not refused else self._select(request, refused)]
+                decision = self.route(request, refused)
+                te = self.tes[decision.te_id]
                 te.client.add_request(request)
                 break
             except EngineDeadError:
-                refused.add(te.te_id)
+                refused |= {te.te_id}
             except NoHealthyTE as exc:
                 self._tasks.pop(request.request_id, None)
                 self._move(job_task, State.FAILED, error="no task executor of the group is alive")
@@ -190,8 +185,7 @@ class RoutingCoreClient:
         self._owner[request.request_id] = te
         te.requests.add(request.request_id)
         # Work owed until the TE's next report: what it will not find cached, plus the outputs.
-        matched = self.decisions[-1][1].matched_tokens if self.decisions else 0
-        uncached = max(1, len(request.prompt_token_ids) - matched)
+        uncached = max(1, len(request.prompt_token_ids) - decision.matched_tokens)
         te.routed_tokens += uncached + (request.sampling_params.max_tokens or 0)
         if request.create_context is not None:
             self._context_owner[request.create_context.context_id] = te
@@ -225,10 +219,6 @@ class RoutingCoreClient:
             te_id or task.te_id or "-",
             f" error={error!r}" if error else "",
         )
-
-    def job_of(self, request_id: str) -> Job | None:
-        entry = self._tasks.get(request_id)
-        return entry[0] if entry is not None else None
 
     def abort(self, request_ids: list[str]) -> None:
         by_te: dict[str, list[str]] = {}

@@ -89,7 +89,7 @@ class TEShell:
             error = traceback.format_exc()
             logger.error("TE %s engine failed:\n%s", self.te_id, error)
             failed = m.encoder.encode(m.EngineCoreFailed(error=error))
-            for peer in self._peers:
+            for peer in list(self._peers):  # a failed send forgets the peer
                 self._send(peer, failed)
             self.close(linger_ms=1000)  # let the JEs have the reason before the process goes
             return 1
@@ -124,11 +124,7 @@ class TEShell:
         previous = self._peers.get(peer)
         self._peers[peer] = hello.incarnation
         if previous is not None and previous != hello.incarnation:
-            # A restarted JE does not know what its predecessor sent: nobody would read those outputs.
-            orphans = [rid for rid, owner in self._owner.items() if owner == peer]
-            if orphans:
-                logger.warning("TE %s aborts %d requests of a restarted JE", self.te_id, len(orphans))
-                self._emit(EngineCoreOutputs(outputs=self.core.abort(orphans)))
+            self._abort_requests_of(peer, "was restarted")
         # The new JE's load view and prompt tree start now: today's stats and everything cached so far.
         # (Events not yet taken are published with the next step; replaying one twice is harmless.)
         state = EngineCoreOutputs(
@@ -154,13 +150,18 @@ class TEShell:
         try:
             self._router.send_multipart([peer, payload], flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # the JE is gone (a restarted one says Hello again and starts afresh)
-            logger.warning("TE %s: JE %r unreachable (%s); forgetting it", self.te_id, peer, exc)
             self._peers.pop(peer, None)
-            orphans = [rid for rid, owner in self._owner.items() if owner == peer]
-            for rid in orphans:
-                del self._owner[rid]
-            if orphans:
-                self.core.abort(orphans)  # nobody would read them
+            self._abort_requests_of(peer, f"is unreachable ({exc})")
+
+    def _abort_requests_of(self, peer: bytes, why: str) -> None:
+        """A JE that is gone (or restarted, not knowing what its predecessor sent): nobody would read its
+        requests' outputs, so they stop here."""
+        orphans = [rid for rid, owner in self._owner.items() if owner == peer]
+        for rid in orphans:
+            del self._owner[rid]
+        if orphans:
+            logger.warning("TE %s aborts %d requests: JE %r %s", self.te_id, len(orphans), peer, why)
+            self.core.abort(orphans)
 
     def _heartbeat(self, force: bool = False) -> None:
         now = time.monotonic()
