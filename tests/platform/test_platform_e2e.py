@@ -73,6 +73,9 @@ def server(smollm2_dir: Path) -> Iterator[ServerProcess]:
     args = [*smollm2_args(smollm2_dir), "--tes", "2", "--policy", "combined", "--max-model-len", "1024"]
     server = start_server(args)
     try:
+        # Ready means every model has a TE; the tests here want both TEs of the group.
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as http:
+            assert wait_for(lambda: all(te["state"] == "ready" for te in cluster(http)["tes"]), 120)
         yield server
     finally:
         server.stop()
