@@ -28,6 +28,7 @@ class Node:
         "key",
         "last_access",
         "lock_ref",
+        "namespace",
         "parent",
         "pending",
         "serial",
@@ -45,6 +46,7 @@ class Node:
         self.hashes: list[int] | None = None  # chained block hashes, kept when residency events are on
         self.lock_ref = 0
         self.last_access = 0
+        self.namespace: str | None = None  # roots only
 
     @property
     def is_root(self) -> bool:
@@ -68,6 +70,7 @@ class RadixTree:
         if node is None:
             node = self.roots[namespace] = Node((), None)
             node.device, node.host = [], []
+            node.namespace = namespace
         return node
 
     def tick(self) -> int:
@@ -136,9 +139,15 @@ class RadixTree:
         return child
 
     def remove_leaf(self, node: Node) -> None:
+        """Remove an unlocked leaf; a namespace left empty goes too, so distinct salts cost nothing once
+        their blocks are gone (`root()` makes it again on the next commit)."""
         assert not node.children and node.parent is not None and node.lock_ref == 0
-        del node.parent.children[node.key[: self.block_size]]
+        parent = node.parent
+        del parent.children[node.key[: self.block_size]]
         node.parent = None
+        if parent.parent is None and not parent.children and parent.lock_ref == 0:
+            assert parent.namespace is not None
+            del self.roots[parent.namespace]
 
     # ---- locks -----------------------------------------------------------------------------------------
     @staticmethod

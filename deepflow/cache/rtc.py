@@ -127,9 +127,9 @@ class RelationalTensorCache:
         self.host = BlockPool(num_host_blocks)
         self.tree = RadixTree(block_size)
         self.enable_prefix_caching = enable_prefix_caching
-        self.max_context_tokens = (
-            max_context_tokens if max_context_tokens is not None else num_device_blocks * block_size // 2
-        )
+        # Pins are sized by the owner (the engine leaves room for one max-length request beside them, and
+        # the scheduler refuses a request that could not fit beside the cap); none unless it says so.
+        self.max_context_tokens = max_context_tokens or 0
         self.cost_model = cost_model or PopulateCostModel()
         self.stats = CacheStats()
         self._clock = clock
@@ -264,6 +264,11 @@ class RelationalTensorCache:
         self.tree.lock(partial_node)  # the copy source must survive the eviction below
         fresh = self._allocate_device(self.blocks_for(num_tokens) - len(shared))
         self.tree.unlock(partial_node)
+        if fresh is None and partial_node is not None:
+            # The locked copy source may be the one block missing (a pool full of pins and this request):
+            # give up the partial hit rather than wait for a block that its own lock keeps.
+            partial_src = None
+            fresh = self._allocate_device(self.blocks_for(num_tokens) - len(shared))
         if fresh is None:
             self.tree.unlock(locked)
             return None
@@ -274,13 +279,16 @@ class RelationalTensorCache:
             cached += match.partial_tokens  # type: ignore[union-attr]
         table = shared + fresh
         self._holdings[request_id] = _Holding(namespace, table, set(fresh), locked, num_cached_tokens=cached)
+        # Hits are counted in whole blocks, as requests report them (a partial block's tokens would tell
+        # a reader of the metrics exactly how much of a prompt another client sent).
+        whole = cached // bs * bs
         populate = self._populating.pop(request_id, None)
         if populate is not None:  # the populated blocks are now part of `locked`'s path
             self.tree.unlock(populate.node)
-            self.stats.host_hit_tokens += min(populate.num_blocks * bs, cached)
-            self.stats.device_hit_tokens += max(cached - populate.num_blocks * bs, 0)
+            self.stats.host_hit_tokens += min(populate.num_blocks * bs, whole)
+            self.stats.device_hit_tokens += max(whole - populate.num_blocks * bs, 0)
         else:
-            self.stats.device_hit_tokens += cached
+            self.stats.device_hit_tokens += whole
         return table
 
     def _node_of_device_block(self, match: PrefixMatch, block: int) -> Node | None:
@@ -347,9 +355,7 @@ class RelationalTensorCache:
 
     def free(self, request_id: str) -> None:
         """Everything the request holds goes back: private blocks to the pool, locks released."""
-        populate = self._populating.pop(request_id, None)
-        if populate is not None:
-            self.tree.unlock(populate.node)
+        self.cancel_populate(request_id)
         holding = self._holdings.pop(request_id, None)
         if holding is None:
             return
@@ -391,6 +397,13 @@ class RelationalTensorCache:
         self._populating[request_id] = _Populate(target, transfer_id, count)
         self.stats.populates += 1
         return True
+
+    def cancel_populate(self, request_id: str) -> None:
+        """A waiting request gives up the blocks of its populate: they stay cached (evictable once the copy
+        has landed), and its next match finds them on the device if nobody evicted them meanwhile."""
+        populate = self._populating.pop(request_id, None)
+        if populate is not None:
+            self.tree.unlock(populate.node)
 
     def query_populate(self, request_id: str) -> bool:
         """True when the request has no populate in flight (never started one, or its copy is done)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 
 import msgspec
 
@@ -51,14 +52,16 @@ class Request:
     """The scheduler's view of one sequence. Token ids may include `num_pending_tokens` not yet known:
     with asynchronous scheduling a step is planned before the previous step's sampled tokens arrive."""
 
-    def __init__(self, core_request: EngineCoreRequest, max_model_len: int) -> None:
+    def __init__(
+        self, core_request: EngineCoreRequest, max_model_len: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         params = core_request.sampling_params
         self.request_id = core_request.request_id
         self.prompt_token_ids = core_request.prompt_token_ids
         self.sampling_params = params
         self.eos_token_ids = frozenset(core_request.eos_token_ids)
         self.stop_token_ids = frozenset(params.stop_token_ids)
-        self.arrival_time = core_request.arrival_time or time.monotonic()
+        self.arrival_time = core_request.arrival_time or clock()
         self.priority = core_request.priority
         self.cache_salt = core_request.cache_salt
         self.context_id = core_request.context_id

@@ -7,6 +7,15 @@ request with the lowest priority (latest arrival) is preempted: its blocks are f
 later. Scheduling only needs token *counts*, so step N+1 can be planned while step N runs (paper §4.2): a
 request whose step will sample counts one pending token until the sampled id arrives.
 
+Progress: the highest-priority unfinished request always gets its blocks eventually. Running requests are
+served in priority order, so a victim is always of lower priority than the request that needs its blocks.
+Blocks that waiting requests hold for a finished populate are a reservation, not a right: a request that
+cannot get blocks takes them back from every lower-priority waiter before it preempts anyone (a head of the
+queue blocked by the populated blocks of requests behind it was a livelock). Admission is first-come within
+a priority and stops at the first request that does not fit, so the running requests drain in front of it.
+What remains held then is only pinned contexts, capped below the pool by `max_context_tokens`; a request
+that could not fit even beside the largest allowed pins is refused by `add_request`.
+
 KV blocks come from the Relational Tensor Cache (`deepflow.cache.rtc`): on admission a request starts from its
 longest cached prefix (or waits while the prefix is populated back from the host tier), and every request
 publishes the blocks it has computed, so later requests (and its own resumption after preemption) reuse them.
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from deepflow.cache.rtc import PrefixMatch, RelationalTensorCache
@@ -48,9 +58,16 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, cache: RelationalTensorCache) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        cache: RelationalTensorCache,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`clock`: seconds, for queue times and context TTLs (the simulator passes its virtual clock)."""
         self.config = config
         self.cache = cache
+        self.clock = clock
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []  # kept sorted by (priority, arrival)
         self.running: list[Request] = []  # admission order
@@ -70,7 +87,14 @@ class Scheduler:
                 f"prompt has {prompt_len} tokens; the model's context is {self.config.max_model_len} tokens "
                 "and at least one must remain for the output"
             )
-        request = Request(core_request, self.config.max_model_len)
+        request = Request(core_request, self.config.max_model_len, self.clock)
+        needed = self.cache.blocks_for(min(prompt_len + request.max_tokens, self.config.max_model_len))
+        room = self.cache.num_blocks - self.cache.max_context_tokens // self.cache.block_size
+        if needed > room:
+            raise ValueError(
+                f"the request may need {needed} KV blocks of {self.cache.block_size} tokens, more than the "
+                f"{room} the pool keeps free of pinned contexts: lower max_tokens or the prompt"
+            )
         if request.create_context is not None:
             self.cache.reserve_context(request.create_context.context_id, prompt_len)
         self.requests[request.request_id] = request
@@ -127,7 +151,9 @@ class Scheduler:
 
     # ---- one step ----------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        self.cache.expire_contexts(time.time())
+        self.cache.expire_contexts(self.clock())
+        # Highest priority first (stable: admission order among equals), so a victim is never ahead.
+        self.running.sort(key=lambda r: r.sort_key)
         budget = self.config.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
         new_requests: list[NewRequestData] = []
@@ -142,6 +168,10 @@ class Scheduler:
                 index += 1
                 continue
             new_blocks = self.cache.append_block(request.request_id, request.num_computed_tokens + num_new)
+            if new_blocks is None and self._reclaim_populates(request):
+                new_blocks = self.cache.append_block(
+                    request.request_id, request.num_computed_tokens + num_new
+                )
             while new_blocks is None:
                 victim = self._pick_victim(index)
                 self._preempt(victim)
@@ -259,8 +289,18 @@ class Scheduler:
             num_new = min(remaining, budget)
             namespace = match.namespace if match is not None else request.cache_salt
             table = self.cache.alloc_blocks(request.request_id, namespace, match, cached + num_new)
+            if table is None and self._reclaim_populates(request):
+                # The failed allocation may have split nodes of the match: look it up again.
+                match = self._match(request)
+                if match is not None and (match.pending is not None or match.host):
+                    break  # what it matched moved; it tries again next step, still first in line
+                cached = match.num_device_tokens if match is not None else 0
+                num_new = min(request.num_tokens - cached, budget)
+                table = self.cache.alloc_blocks(request.request_id, namespace, match, cached + num_new)
             if table is None:
-                break
+                break  # first come, first served: nobody behind it takes the blocks it waits for
+            # The RTC's word, not the match's: it may give up a partial-block hit to find the blocks.
+            cached = self.cache.num_cached_tokens(request.request_id)
             request.num_computed_tokens = cached
             new_requests.append(
                 NewRequestData(
@@ -274,8 +314,11 @@ class Scheduler:
                 )
             )
             if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.monotonic()
-                request.num_cached_tokens = min(cached, len(request.prompt_token_ids))
+                request.first_scheduled_time = self.clock()
+                # Whole blocks only, as vLLM reports: a token-exact count would tell a client how much of
+                # its prompt another client sent (a partial-block hit is still reused, just not reported).
+                bs = self.cache.block_size
+                request.num_cached_tokens = min(cached, len(request.prompt_token_ids)) // bs * bs
                 self.cache.stats.queries_tokens += len(request.prompt_token_ids)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -288,14 +331,21 @@ class Scheduler:
 
     def _match(self, request: Request) -> PrefixMatch | None:
         """The request's cached prefix, leaving out its last token (whose logits must be computed)."""
-        if request.context_id is None and not self.cache.enable_prefix_caching:
+        # Without prefix caching a context's creator still commits its blocks (to pin them); resumed after a
+        # preemption it must match them: else it computes a second copy, its commits lock the first one
+        # again (the tree keeps the first), and a request that fits alone needs twice its blocks and
+        # preempts itself forever.
+        implicit = self.cache.enable_prefix_caching or (
+            request.create_context is not None and request.num_preemptions > 0
+        )
+        if request.context_id is None and not implicit:
             return None
         tokens = (request.prompt_token_ids + request.output_token_ids)[: request.num_tokens - 1]
         if request.context_id is not None:
             match = self.cache.match_by_id(request.context_id, tokens)
             if match is not None:
                 return match
-            if not self.cache.enable_prefix_caching:
+            if not implicit:
                 return None
         return self.cache.match_by_prefix_tokens(request.cache_salt, tokens)
 
@@ -313,6 +363,18 @@ class Scheduler:
                 request.prompt_token_ids + request.output_token_ids,
                 request.num_computed_tokens,
             )
+
+    def _reclaim_populates(self, request: Request) -> bool:
+        """Take back the blocks that lower-priority waiting requests hold for their populates (they stay
+        cached, now evictable; the waiters match them again when their turn comes). True if any were held."""
+        reclaimed = False
+        for waiter in reversed(self.waiting):
+            if waiter.sort_key <= request.sort_key:
+                break
+            if self.cache.is_populating(waiter.request_id):
+                self.cache.cancel_populate(waiter.request_id)
+                reclaimed = True
+        return reclaimed
 
     def _pick_victim(self, index: int) -> Request:
         """The lowest-priority, latest request not yet scheduled this step; else the current one."""
@@ -344,7 +406,7 @@ class Scheduler:
                     context.context_id,
                     request.request_id,
                     request.prompt_token_ids,
-                    time.time() + context.ttl_seconds,
+                    self.clock() + context.ttl_seconds,
                 )
             else:
                 self.cache.unreserve_context(context.context_id)

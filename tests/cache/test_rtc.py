@@ -57,6 +57,23 @@ def test_a_hit_ending_mid_block_copies_that_block() -> None:
     rtc.check_consistency()
 
 
+def test_a_partial_hit_is_given_up_when_its_source_is_the_block_missing() -> None:
+    """The copy source is locked while the request's blocks are allocated; when evicting it is the only way
+    to supply them, the request starts without the partial hit instead of failing (and failing again on
+    every step: found as a livelock)."""
+    rtc = cache(device=4)
+    first = compute(rtc, "a", [1, 2, 3, 4, 5, 6, 7, 8])
+    rtc.free("a")
+    prompt = [1, 2, 3, 4, 5, 6, *range(70, 80)]  # one whole block, half of the next; 4 blocks in all
+    match = rtc.match_by_prefix_tokens("", prompt[:-1])
+    assert match.num_device_tokens == 6 and match.partial_src == first[1]
+    table = rtc.alloc_blocks("b", "", match, len(prompt))
+    assert table is not None and table[0] == first[0] and len(table) == 4
+    assert rtc.num_cached_tokens("b") == 4  # the whole block only
+    assert all(t.kind != "d2d" for t in rtc.take_transfers())
+    rtc.check_consistency()
+
+
 def test_a_block_computed_in_this_pass_is_shared_but_never_copied_from() -> None:
     rtc = cache()
     prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9]
@@ -178,7 +195,7 @@ def test_the_context_cap_is_enforced_at_reservation() -> None:
 
 
 def test_a_context_released_during_its_prefill_is_not_pinned() -> None:
-    rtc = cache()
+    rtc = cache(max_context_tokens=16)
     prompt = list(range(1, 11))
     rtc.reserve_context("ctx", len(prompt))
     compute(rtc, "creator", prompt)
@@ -273,3 +290,19 @@ def test_residency_events_keep_a_job_executors_prompt_tree_in_step(ops, host) ->
             joined.apply(msgspec.structs.replace(event, te_id="te-0"))
         for query_ns, query in queries:
             assert joined.match(query_ns, query) == mirror.match(query_ns, query)
+
+
+def test_a_namespace_is_reclaimed_once_its_blocks_are_gone() -> None:
+    """Every distinct cache_salt makes a root; one left empty (evicted, reset) must not stay forever."""
+    rtc = cache(device=4)
+    for i in range(3):  # each salt's blocks are evicted by the next one's
+        compute(rtc, f"r{i}", list(range(1, 13)), namespace=f"salt-{i}")
+        rtc.free(f"r{i}")
+    assert set(rtc.tree.roots) <= {"salt-1", "salt-2"} and "salt-0" not in rtc.tree.roots
+    compute(rtc, "held", [5, 6, 7, 8, 9], namespace="held")
+    rtc.reset()
+    assert set(rtc.tree.roots) == {"held"}  # a namespace in use stays
+    rtc.free("held")
+    rtc.reset()
+    assert not rtc.tree.roots
+    rtc.check_consistency()
