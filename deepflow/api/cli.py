@@ -16,6 +16,7 @@ import signal
 import sys
 from typing import Any
 
+from deepflow.api.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_SEQUENCES, APILimits
 from deepflow.platform.procs import http_url
 
 # Lifecycle lines (starting, ready, stopped) show at every --log-level: scripts wait for the ready line.
@@ -110,7 +111,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--api-key",
         default=None,
-        help="require this bearer key on /v1/* and admin routes (or $DEEPFLOW_API_KEY)",
+        help="require this bearer key on every route but /health (or $DEEPFLOW_API_KEY)",
+    )
+    p.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="serve /metrics without the API key (it shows every tenant's traffic and cache hits)",
+    )
+    p.add_argument(
+        "--max-body-size",
+        type=parse_size,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="largest request body, e.g. 4MiB; larger ones are refused with 413 before parsing",
+    )
+    p.add_argument(
+        "--max-sequences-per-request",
+        type=_positive_int,
+        default=DEFAULT_MAX_SEQUENCES,
+        help="cap on prompts x n in one request (400 above)",
     )
     p.add_argument("--no-async-scheduling", action="store_true", help="plan each step after the last one")
     p.add_argument("--tes", type=_positive_int, default=1, help="task executors (engine processes) per model")
@@ -120,7 +138,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         choices=["round_robin", "least_load", "locality", "combined"],
         help="how a job executor routes requests among a model's TEs",
     )
-    p.add_argument("--jes", type=_positive_int, default=1, help="job executors (HTTP processes) on the port")
+    p.add_argument(
+        "--jes",
+        type=_positive_int,
+        default=2,
+        help="job executors (HTTP processes) sharing the port; a second one serves while one restarts",
+    )
     p.add_argument(
         "--tokenizer-workers",
         type=_non_negative_int,
@@ -187,6 +210,15 @@ def engine_config(args: argparse.Namespace, model: str | None) -> Any:
     return config
 
 
+def api_limits(args: argparse.Namespace) -> APILimits:
+    """The HTTP edge's limits the flags describe (they apply with --config too)."""
+    return APILimits(
+        max_body_bytes=args.max_body_size,
+        max_sequences=args.max_sequences_per_request,
+        metrics_public=args.metrics_public,
+    )
+
+
 def build_spec(args: argparse.Namespace) -> Any:
     """The ClusterSpec of `deepflow serve`: from --config, or one model per --model (the embedded one if
     none), each with --tes TEs routed by --policy."""
@@ -195,6 +227,8 @@ def build_spec(args: argparse.Namespace) -> Any:
     if args.config is not None:
         spec = load_config(args.config, parse_size)
         spec.log_level = args.log_level
+        spec.api = api_limits(args)
+        spec.validate()
         return spec
     models = args.model or [None]
     names = args.served_model_name or []
@@ -213,6 +247,7 @@ def build_spec(args: argparse.Namespace) -> Any:
         tokenizer_workers=args.tokenizer_workers,
         shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level,
+        api=api_limits(args),
     )
     spec.validate()
     return spec
@@ -260,7 +295,7 @@ def serve_standalone(args: argparse.Namespace, spec: Any) -> int:
         return 1
     except KeyboardInterrupt:  # Ctrl-C while the model loads: the engine process is a daemon and goes too
         return 130
-    app = build_app(engine, name, resolve_api_key(args))
+    app = build_app(engine, name, resolve_api_key(args), limits=spec.api)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

@@ -6,7 +6,7 @@ handed, as JSON, to the cluster manager and every job executor, so all processes
 ```yaml
 host: 127.0.0.1
 port: 8000
-job_executors: 1
+job_executors: 2       # >= 2: a client's retry lands on a survivor while one restarts
 models:
   - name: smol            # served model name (default: the folder's name)
     model: /path/to/hf    # omit for the embedded SmolLM2
@@ -27,6 +27,7 @@ from typing import Any
 
 import msgspec
 
+from deepflow.api.limits import APILimits
 from deepflow.engine.config import EngineConfig
 from deepflow.platform.je.policies import POLICIES
 
@@ -44,10 +45,11 @@ class ClusterSpec(msgspec.Struct, kw_only=True):
     models: list[ModelSpec]
     host: str = "127.0.0.1"
     port: int = 8000
-    job_executors: int = 1
+    job_executors: int = 2  # a JE that dies fails only its own requests; a retry reaches another
     tokenizer_workers: int | None = None  # per model in each JE; None: sized to the machine (0 below 8 cores)
     shutdown_timeout: int = 10
     log_level: str = "info"
+    api: APILimits = msgspec.field(default_factory=APILimits)  # the HTTP edge's limits, read by every JE
 
     def validate(self) -> None:
         if not self.models:
@@ -65,6 +67,7 @@ class ClusterSpec(msgspec.Struct, kw_only=True):
                 )
         if self.job_executors < 1:
             raise ValueError(f"job_executors must be >= 1, got {self.job_executors}")
+        self.api.validate()
 
     @property
     def total_tes(self) -> int:

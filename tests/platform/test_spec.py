@@ -91,3 +91,15 @@ def test_bad_cluster_yaml_is_refused_clearly(
     config.write_text(text.format(m=smollm2_dir))
     with pytest.raises(ValueError, match=error):
         load_config(config, parse_size)
+
+
+def test_two_job_executors_by_default(smollm2_dir: Path, tmp_path: Path) -> None:
+    """A JE that dies fails only the requests it held: by default another one shares the port, so a client
+    retry lands on it (with one, every in-flight request failed and retries waited for the restart)."""
+    spec = build_spec(build_parser().parse_args(["serve", "--model", str(smollm2_dir)]))
+    assert spec.job_executors >= 2
+    config = tmp_path / "cluster.yaml"
+    config.write_text(f"models:\n  - model: {smollm2_dir}\n")
+    assert load_config(config, parse_size).job_executors >= 2
+    assert build_spec(build_parser().parse_args(["serve", "--model", str(smollm2_dir), "--jes", "1"])
+                      ).job_executors == 1  # fmt: skip
