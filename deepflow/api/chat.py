@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -11,6 +12,7 @@ from fastapi.responses import Response
 from starlette.requests import Request
 
 from deepflow.api.errors import invalid
+from deepflow.api.limits import OFFLOAD_BYTES
 from deepflow.api.logprobs import chat_logprobs
 from deepflow.api.protocol import (
     AssistantMessage,
@@ -44,10 +46,14 @@ async def encode_chat(
     add_special_tokens: bool = False,
 ) -> list[int]:
     """Template text, then tokens; by default no added specials: the template writes BOS where wanted."""
+    rendered = [m.for_template() for m in messages]
     try:
-        text = state.tokenizer.apply_chat_template(
-            [m.for_template() for m in messages], add_generation_prompt=add_generation_prompt
-        )
+        if sum(len(m["content"]) for m in rendered) > OFFLOAD_BYTES:  # a long chat: off the event loop
+            text = await asyncio.to_thread(
+                state.tokenizer.apply_chat_template, rendered, add_generation_prompt=add_generation_prompt
+            )
+        else:
+            text = state.tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt)
     except (TokenizerError, jinja2.TemplateError, ValueError, TypeError) as exc:
         raise invalid(f"Could not apply the chat template: {exc}", param="messages") from exc
     return await state.encode(text, add_special_tokens=add_special_tokens)
@@ -58,6 +64,7 @@ async def create_chat_completion(
 ) -> Response:
     body.check_supported()
     state = models.get(body.model)
+    state.check_sequences(1, body.n or 1)
     context, cache_salt = state.contexts.resolve(body.context_id, body.cache_salt, state.served_model_name)
     if context is None:
         prompt_ids = await encode_chat(state, body.messages)
@@ -68,7 +75,7 @@ async def create_chat_completion(
     else:
         prompt_ids = context.token_ids + await encode_chat(state, body.messages)
     max_tokens = body.max_new_tokens()
-    state.check_context(len(prompt_ids), max_tokens, "messages")
+    state.check_context(len(prompt_ids), max_tokens, "messages", body.min_tokens or 0)
     params = body.sampling_params(max_tokens, body.num_logprobs())
     state.check_alive()
     request_id = new_id("chatcmpl")

@@ -49,17 +49,18 @@ async def _prepare_prompts(state: ServerState, body: CompletionRequest, prefix: 
         else:
             state.check_token_ids(prompt, param)
             # Echo shows what the model saw, special tokens included.
-            out.append(_Prompt(state.tokenizer.decode(prompt, skip_special_tokens=False), prefix + prompt))
-        state.check_context(len(out[-1].ids), body.max_tokens, param)
+            out.append(_Prompt(await state.decode(prompt), prefix + prompt))
+        state.check_context(len(out[-1].ids), body.max_new_tokens(), param)
     return out
 
 
 async def create_completion(models: ServedModels, body: CompletionRequest, request: Request) -> Response:
     body.check_supported()
     state = models.get(body.model)
+    state.check_sequences(len(body.prompts()), body.n or 1)
     context, cache_salt = state.contexts.resolve(body.context_id, body.cache_salt, state.served_model_name)
     prompts = await _prepare_prompts(state, body, context.token_ids if context is not None else [])
-    params = body.sampling_params(body.max_tokens, body.logprobs)
+    params = body.sampling_params(body.max_new_tokens(), body.logprobs)
     state.check_alive()
     request_id = new_id("cmpl")
 

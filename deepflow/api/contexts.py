@@ -9,6 +9,7 @@ whatever prefix matches.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import json
 import sqlite3
 import time
@@ -39,7 +40,7 @@ class Context:
     prompt: str | list[int] | None  # set when made from a prompt: requests append to `token_ids`
     cache_salt: str | None
     created: int
-    expires_at: float  # unix seconds, as the engine reported it (it unpins the blocks then)
+    expires_at: float  # unix seconds: creation + TTL (the engine unpins the blocks a prefill later)
 
     def to_object(self) -> ContextObject:
         return ContextObject(
@@ -57,6 +58,16 @@ class ContextRegistry:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self._contexts: dict[str, Context] = {}
+        # context id -> the TE that pins it now, or None (set by the platform's job executor)
+        self.locator: Callable[[str], str | None] | None = None
+
+    def body(self, context: Context) -> dict[str, object]:
+        """The context object; with a platform also `te`: the TE that pins it now, None while none does
+        (its TE was drained or died: the next request that uses it pins it again)."""
+        out: dict[str, object] = context.to_object().model_dump()
+        if self.locator is not None:
+            out["te"] = self.locator(context.id)
+        return out
 
     def __len__(self) -> int:
         self.prune()
@@ -89,21 +100,30 @@ class ContextRegistry:
     def resolve(
         self, context_id: str | None, cache_salt: str | None, model: str
     ) -> tuple[Context | None, str | None]:
-        """A generation request's (context, cache salt): the salt defaults to the context's and may not
-        differ from it, since blocks cached under one salt are invisible to requests under another."""
+        """A generation request's (context, cache salt): the context must have been made under the
+        request's salt (see `lookup`)."""
         if context_id is None:
             return None, cache_salt
-        context = self.get(context_id)
+        context = self.lookup(context_id, cache_salt)
         if context.model != model:
             message = f"Context '{context_id}' belongs to model '{context.model}', not '{model}'."
             raise invalid(message, param="context_id")
-        if cache_salt is not None and cache_salt != context.cache_salt:
-            raise invalid(
-                f"'cache_salt' differs from the salt context '{context_id}' was created with; omit it to use "
-                "the context's.",
-                param="cache_salt",
-            )
         return context, context.cache_salt
+
+    def lookup(self, context_id: str, cache_salt: str | None) -> Context:
+        """The live context made under `cache_salt`, or the 404 of an unknown id. A context id alone is no
+        bearer token: a client of another tenant (another salt, or none) cannot tell it exists, let alone
+        use or delete it. Compared in constant time, as the salt is the tenant's secret."""
+        context = self.get(context_id)
+        if not _same_salt(context.cache_salt, cache_salt):
+            raise context_not_found(context_id)
+        return context
+
+
+def _same_salt(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return hmac.compare_digest(a.encode(), b.encode())
 
 
 class SQLiteContextRegistry(ContextRegistry):
@@ -174,7 +194,10 @@ async def create_context(models: ServedModels, body: ContextCreateRequest) -> JS
     token_ids, param = await _context_tokens(state, body)
     state.check_context(len(token_ids), None, param)  # a context must leave room for a request's tokens
     state.check_alive()
-    created = int(state.contexts.clock())
+    # One clock reading for both: expires_at - created is exactly the TTL. The registry forgets the context
+    # then, at most the prefill's duration before the engine unpins it (its clock starts after the prefill).
+    now = state.contexts.clock()
+    created = int(now)
     try:
         info = await state.engine.create_context(
             token_ids, ttl_seconds=body.ttl, context_id=new_id("ctx"), cache_salt=body.cache_salt
@@ -199,17 +222,18 @@ async def create_context(models: ServedModels, body: ContextCreateRequest) -> JS
         prompt=body.prompt,
         cache_salt=body.cache_salt,
         created=created,
-        expires_at=info.expires_at,
+        expires_at=now + body.ttl,
     )
     state.contexts.add(context)
-    return JSONResponse(context.to_object().model_dump())
+    return JSONResponse(state.contexts.body(context))
 
 
-def retrieve_context(models: ServedModels, context_id: str) -> JSONResponse:
-    return JSONResponse(models.contexts.get(context_id).to_object().model_dump())
+def retrieve_context(models: ServedModels, context_id: str, cache_salt: str | None) -> JSONResponse:
+    return JSONResponse(models.contexts.body(models.contexts.lookup(context_id, cache_salt)))
 
 
-async def delete_context(models: ServedModels, context_id: str) -> JSONResponse:
+async def delete_context(models: ServedModels, context_id: str, cache_salt: str | None) -> JSONResponse:
+    models.contexts.lookup(context_id, cache_salt)  # another tenant's context is unknown to this one
     context = models.contexts.pop(context_id)
     # The blocks are pinned on the engine of the model that made the context.
     owner = models.states.get(context.model)

@@ -147,8 +147,11 @@ def from_validation_error(exc: ValidationError | RequestValidationError) -> APIE
         return invalid("Invalid request.")
     errors.sort(key=lambda e: e.get("type") != "extra_forbidden")
     first = errors[0]
-    loc = tuple(p for p in first.get("loc", ()) if p != "body")
-    param = _loc_to_param(loc) or None
+    loc = tuple(first.get("loc", ()))
+    if loc[:1] in (("header",), ("query",), ("path",)):
+        param: str | None = str(loc[-1])  # a header's name as sent ('x-cache-salt'), no union tags to drop
+    else:
+        param = _loc_to_param(tuple(p for p in loc if p != "body")) or None
     if first.get("type") == "extra_forbidden":
         return invalid(f"Unrecognized request argument supplied: {param}", param=param)
     if first.get("type") == "missing":

@@ -9,19 +9,24 @@ OpenAI. Responses are plain models: clients ignore fields they do not know (`sto
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deepflow.api.errors import invalid, unsupported
+from deepflow.api.limits import INT64_MAX, INT64_MIN
 from deepflow.engine.sampling_params import SamplingParams
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_INT32_MAX = 2**31 - 1
+MAX_CACHE_SALT = 256  # a salt is a tenant label, not a payload; every JE keeps it per context and request
+MAX_MODEL_NAME = 256
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions, also when max_tokens is null
 _ROLES = ("system", "developer", "user", "assistant")
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # No NaN/Infinity: every float we take is a sampling parameter or a TTL with a finite range.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def _is_int(value: Any) -> bool:
@@ -106,10 +111,10 @@ class StreamOptions(StrictModel):
 class SamplingRequest(StrictModel):
     """Fields common to completions and chat: OpenAI's sampling parameters plus vLLM's extensions."""
 
-    model: str
+    model: str = Field(max_length=MAX_MODEL_NAME)
     n: int | None = Field(default=None, ge=1, le=128)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=_INT64_MIN, le=_INT64_MAX)
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -119,19 +124,19 @@ class SamplingRequest(StrictModel):
     user: str | None = None  # an end-user label for abuse tracking; nothing to track here
     logit_bias: dict[str, float] | None = None
     # Extensions (vLLM names and semantics).
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=_INT32_MAX)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)  # 1: none; HF uses ~1.0-1.5
     ignore_eos: bool | None = None
-    min_tokens: int | None = Field(default=None, ge=0)
-    stop_token_ids: list[int] | None = None
+    min_tokens: int | None = Field(default=None, ge=0, le=_INT32_MAX)  # and it must fit the context
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=_INT32_MAX)]] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
-    priority: int | None = None  # lower runs first
+    priority: int | None = Field(default=None, ge=-_INT32_MAX, le=_INT32_MAX)  # lower runs first
     # Context caching: the prompt continues this context (POST /v1/contexts); the salt namespaces the
     # prefix cache (vLLM's `cache_salt`): requests with different salts never share cached KV.
-    context_id: str | None = None
-    cache_salt: str | None = Field(default=None, min_length=1)
+    context_id: str | None = Field(default=None, max_length=256)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
 
     @property
     def streaming(self) -> bool:
@@ -193,6 +198,10 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(default=None, ge=0, le=5)
     best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
+
+    def max_new_tokens(self) -> int:
+        """OpenAI's 16 when absent or null: a completion never runs to the context's end by omission."""
+        return DEFAULT_COMPLETION_TOKENS if self.max_tokens is None else self.max_tokens
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -298,7 +307,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 # ---- tokenizer endpoints ---------------------------------------------------------------------------------
 class TokenizeRequest(StrictModel):
-    model: str | None = None
+    model: str | None = Field(default=None, max_length=MAX_MODEL_NAME)
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool | None = None  # prompt: default True; messages: default False (template's BOS)
@@ -312,7 +321,7 @@ class TokenizeRequest(StrictModel):
 
 
 class DetokenizeRequest(StrictModel):
-    model: str | None = None
+    model: str | None = Field(default=None, max_length=MAX_MODEL_NAME)
     tokens: list[int]
 
 
@@ -334,16 +343,16 @@ MAX_CONTEXT_TTL = 7 * 24 * 3600.0  # a pinned context holds KV memory; a forgott
 class ScaleRequest(StrictModel):
     """POST /v1/cluster/scale: run `tes` task executors of `model` (surplus ones drain, then stop)."""
 
-    model: str
+    model: str = Field(max_length=MAX_MODEL_NAME)
     tes: int = Field(ge=1, le=64)
 
 
 class ContextCreateRequest(StrictModel):
-    model: str
+    model: str = Field(max_length=MAX_MODEL_NAME)
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     prompt: str | list[int] | None = None
     ttl_seconds: float | None = Field(default=None, gt=0, le=MAX_CONTEXT_TTL)
-    cache_salt: str | None = Field(default=None, min_length=1)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT)
 
     @field_validator("prompt", mode="before")
     @classmethod

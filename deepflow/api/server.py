@@ -1,41 +1,45 @@
 """The OpenAI-compatible HTTP app: routes, bearer auth, request ids, error shapes and metrics.
 
-Bodies are parsed by hand (`parse_body`) rather than through FastAPI's model parameters so that malformed
-JSON, unknown fields and bad values all become OpenAI-style 400s with the offending parameter named.
+Bodies are parsed by hand (`body.parse_body`) rather than through FastAPI's model parameters so that the size
+limit applies before parsing, big bodies are parsed off the event loop, and malformed JSON, unknown fields and
+bad values all become OpenAI-style 400s with the offending parameter named. The OpenAPI schema still lists
+every request body: `_document_bodies` adds the models FastAPI never saw.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deepflow import __version__
+from deepflow.api.body import parse_body
 from deepflow.api.chat import create_chat_completion, encode_chat
 from deepflow.api.completions import create_completion
 from deepflow.api.contexts import ContextRegistry, create_context, delete_context, retrieve_context
 from deepflow.api.errors import (
     APIError,
     engine_dead,
-    from_validation_error,
     install_error_handlers,
     internal_error,
     invalid,
     job_not_found,
     platform_unavailable,
 )
+from deepflow.api.limits import APILimits
 from deepflow.api.metrics import HTTPMetrics
 from deepflow.api.protocol import (
+    MAX_CACHE_SALT,
     ChatCompletionRequest,
     CompletionRequest,
     ContextCreateRequest,
@@ -54,23 +58,10 @@ logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 REQUEST_ID_HEADER = "x-request-id"
-
-
-async def parse_body(request: Request, model: type[M]) -> M:
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise invalid(
-            f"We could not parse the JSON body of your request ({exc}). The API expects a JSON object "
-            "sent with Content-Type: application/json."
-        ) from None
-    if not isinstance(data, dict):
-        raise invalid(f"The request body must be a JSON object, not {type(data).__name__}.")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
+CACHE_SALT_HEADER = "x-cache-salt"
+CacheSaltHeader = Annotated[
+    str | None, Header(alias=CACHE_SALT_HEADER, min_length=1, max_length=MAX_CACHE_SALT)
+]
 
 
 class RequestContextMiddleware:
@@ -147,6 +138,44 @@ def _engines_by_name(
     return {served_model_name: models}
 
 
+# The POST routes' bodies, for the OpenAPI schema (FastAPI does not see bodies parsed by hand).
+_BODIES: dict[str, type[BaseModel]] = {
+    "/v1/completions": CompletionRequest,
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/contexts": ContextCreateRequest,
+    "/v1/cluster/scale": ScaleRequest,
+    "/tokenize": TokenizeRequest,
+    "/detokenize": DetokenizeRequest,
+}
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """Make `app.openapi()` list each POST route's JSON body (its model's validation schema, shared
+    definitions under components) and our 400 in place of FastAPI's 422."""
+    build_schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build_schema()
+        refs, defs = models_json_schema(
+            [(model, "validation") for model in _BODIES.values()], ref_template="#/components/schemas/{model}"
+        )
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+        for path, model in _BODIES.items():
+            operation = schema["paths"][path]["post"]
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": refs[(model, "validation")]}},
+            }
+            operation["responses"]["400"] = {"description": "Invalid request (an OpenAI error body)"}
+            operation["responses"]["413"] = {"description": "Body over the size limit (an OpenAI error body)"}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def build_app(
     models: Mapping[str, EngineClient] | EngineClient,
     served_model_name: str | None = None,
@@ -154,20 +183,33 @@ def build_app(
     *,
     platform: PlatformView | None = None,
     contexts: ContextRegistry | None = None,
+    limits: APILimits | None = None,
 ) -> FastAPI:
     """The app serving `models` (served name -> engine, the first the default for bodies without `model`),
-    or one engine as `served_model_name`; `/v1/*` and the admin routes need `api_key` when one is set.
-    `platform` (the job executor) answers the admin routes `/v1/jobs/{id}` and `/v1/cluster`; `contexts`
-    replaces the in-memory context registry (job executors share one in SQLite)."""
+    or one engine as `served_model_name`; every route but `/health` needs `api_key` when one is set
+    (`/metrics` too unless `limits.metrics_public`). `platform` (the job executor) answers the admin routes
+    `/v1/jobs/{id}` and `/v1/cluster`; `contexts` replaces the in-memory context registry (job executors
+    share one in SQLite). `limits` defaults to the platform spec's (`platform.spec.api`), else the
+    defaults."""
+    if limits is None:
+        limits = getattr(getattr(platform, "spec", None), "api", None) or APILimits()
     registry = contexts if contexts is not None else ContextRegistry()
-    served = ServedModels(_engines_by_name(models, served_model_name), registry, api_key)
+    served = ServedModels(_engines_by_name(models, served_model_name), registry, api_key, limits)
     metrics = HTTPMetrics(served.engines)
-    app = FastAPI(title="DeepFlow", version=__version__)
+    # Our own /openapi.json below, behind the key. No /docs: Swagger UI cannot send the key (and loads its
+    # scripts from a CDN).
+    app = FastAPI(title="DeepFlow", version=__version__, openapi_url=None, docs_url=None, redoc_url=None)
     app.state.server = served
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     auth = Depends(_auth_dependency(api_key))
     v1 = APIRouter(prefix="/v1", dependencies=[auth])
+    # Every route but /health needs the key: even /tokenize costs CPU, and a model's metrics tell one
+    # tenant about another's traffic and prefix-cache hits.
+    keyed = APIRouter(dependencies=[auth])
+
+    async def body_of(request: Request, model: type[M]) -> M:
+        return await parse_body(request, model, limits.max_body_bytes)
 
     def model_card(state: ServerState) -> ModelCard:
         return ModelCard(
@@ -187,23 +229,25 @@ def build_app(
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
-        return await create_completion(served, await parse_body(request, CompletionRequest), request)
+        return await create_completion(served, await body_of(request, CompletionRequest), request)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await create_chat_completion(served, await parse_body(request, ChatCompletionRequest), request)
+        return await create_chat_completion(served, await body_of(request, ChatCompletionRequest), request)
 
     @v1.post("/contexts")
     async def contexts_create(request: Request) -> JSONResponse:
-        return await create_context(served, await parse_body(request, ContextCreateRequest))
+        return await create_context(served, await body_of(request, ContextCreateRequest))
 
+    # A context is bound to the salt it was made under; GET and DELETE, which have no body, carry the salt
+    # in a header (not the query string, which access logs record).
     @v1.get("/contexts/{context_id}")
-    async def contexts_retrieve(context_id: str) -> JSONResponse:
-        return retrieve_context(served, context_id)
+    async def contexts_retrieve(context_id: str, salt: CacheSaltHeader = None) -> JSONResponse:
+        return retrieve_context(served, context_id, salt)
 
     @v1.delete("/contexts/{context_id}")
-    async def contexts_delete(context_id: str) -> JSONResponse:
-        return await delete_context(served, context_id)
+    async def contexts_delete(context_id: str, salt: CacheSaltHeader = None) -> JSONResponse:
+        return await delete_context(served, context_id, salt)
 
     # Admin, under /v1 for the key: job records name tenants' requests, and the cluster view its machines.
     @v1.get("/jobs/{job_id}")
@@ -226,7 +270,7 @@ def build_app(
 
     @v1.post("/cluster/scale")
     async def cluster_scale(request: Request) -> JSONResponse:
-        body = await parse_body(request, ScaleRequest)
+        body = await body_of(request, ScaleRequest)
         if platform is None:
             raise platform_unavailable("this server runs no job executor platform")
         try:
@@ -247,9 +291,9 @@ def build_app(
         results = [await state.engine.reset_prefix_cache() for state in served]
         return JSONResponse({"reset": all(results)})
 
-    @app.post("/tokenize")
+    @keyed.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
-        body = await parse_body(request, TokenizeRequest)
+        body = await body_of(request, TokenizeRequest)
         state = served.get(body.model)
         if body.messages is not None:
             check_messages(body.messages)
@@ -267,12 +311,12 @@ def build_app(
         out = TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=state.max_model_len)
         return JSONResponse(out.model_dump())
 
-    @app.post("/detokenize")
+    @keyed.post("/detokenize")
     async def detokenize(request: Request) -> JSONResponse:
-        body = await parse_body(request, DetokenizeRequest)
+        body = await body_of(request, DetokenizeRequest)
         state = served.get(body.model)
         state.check_token_ids(body.tokens, "tokens")
-        text = state.tokenizer.decode(body.tokens, skip_special_tokens=False)
+        text = await state.decode(body.tokens)
         return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
 
     @app.get("/health")
@@ -282,12 +326,20 @@ def build_app(
                 raise engine_dead(model=state.served_model_name)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/version")
+    @keyed.get("/version")
     async def version() -> JSONResponse:
         return JSONResponse({"version": __version__})
 
-    @app.get("/metrics")
+    @keyed.get("/openapi.json", include_in_schema=False)
+    async def openapi_schema() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    metrics_router = app if limits.metrics_public else keyed
+
+    @metrics_router.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(keyed)
+    _document_bodies(app)
     return app

@@ -7,6 +7,7 @@ this package.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from deepflow.api.errors import APIError, engine_dead, invalid, model_not_found
+from deepflow.api.limits import OFFLOAD_BYTES, APILimits
 from deepflow.api.logprobs import TokenDecoder
 from deepflow.engine.contexts import ContextInfo
 from deepflow.engine.outputs import CompletionOutput, RequestOutput
@@ -106,6 +108,7 @@ class ServerState:
     served_model_name: str
     contexts: ContextRegistry
     api_key: str | None = None
+    limits: APILimits = field(default_factory=APILimits)
     created: int = field(default_factory=lambda: int(time.time()))
     decoder: TokenDecoder = field(init=False)
 
@@ -117,11 +120,20 @@ class ServerState:
         return self.engine.tokenizer
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`, in the engine's tokenizer pool when it has one (off the event loop)."""
+        """Token ids of `text`, in the engine's tokenizer pool when it has one; without one, a long text is
+        encoded in a thread: either way the event loop keeps answering other connections meanwhile."""
         pool = getattr(self.engine, "tokenizer_pool", None)
         if pool is not None:
             return await pool.encode(text, add_special_tokens=add_special_tokens)
+        if len(text) > OFFLOAD_BYTES:
+            return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    async def decode(self, ids: list[int]) -> str:
+        """Text of `ids` with special tokens shown; many ids are decoded in a thread (as `encode`)."""
+        if len(ids) > OFFLOAD_BYTES // 8:
+            return await asyncio.to_thread(self.tokenizer.decode, ids, skip_special_tokens=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     @property
     def max_model_len(self) -> int:
@@ -142,13 +154,32 @@ class ServerState:
         if bad is not None:
             raise invalid(f"token id {bad} is outside the vocabulary [0, {vocab})", param=param)
 
-    def check_context(self, prompt_len: int, max_tokens: int | None, param: str) -> None:
-        """OpenAI's context_length_exceeded, with the numbers, before anything reaches the engine."""
+    def check_sequences(self, prompts: int, n: int) -> None:
+        """Work per request is bounded: every prompt is answered with `n` sequences."""
+        cap = self.limits.max_sequences
+        if prompts * n > cap:
+            raise invalid(
+                f"This request asks for {prompts * n} sequences ({prompts} prompt(s) x n={n}); this server "
+                f"allows at most {cap} per request.",
+                param="n",
+            )
+
+    def check_context(self, prompt_len: int, max_tokens: int | None, param: str, min_tokens: int = 0) -> None:
+        """OpenAI's context_length_exceeded, with the numbers, before anything reaches the engine. Without
+        `max_tokens` the completion may run to the context's end, so `min_tokens` must fit there."""
         limit = self.max_model_len
         what = "messages" if param == "messages" else "prompt"
         if prompt_len == 0:
             raise invalid(f"The {what} is empty (0 tokens).", param=param)
         if max_tokens is None:
+            if min_tokens > 0 and prompt_len + min_tokens > limit:
+                raise invalid(
+                    f"This model's maximum context length is {limit} tokens. However, you requested at least "
+                    f"{prompt_len + min_tokens} tokens ({prompt_len} in the {what}, min_tokens={min_tokens} "
+                    f"in the completion). Please reduce the length of the {what} or min_tokens.",
+                    param="min_tokens",
+                    code="context_length_exceeded",
+                )
             if prompt_len >= limit:
                 raise invalid(
                     f"This model's maximum context length is {limit} tokens. However, your {what} resulted "
@@ -173,13 +204,20 @@ class ServedModels:
     context registry so that a context named with the wrong model is refused rather than unknown."""
 
     def __init__(
-        self, engines: Mapping[str, EngineClient], contexts: ContextRegistry, api_key: str | None = None
+        self,
+        engines: Mapping[str, EngineClient],
+        contexts: ContextRegistry,
+        api_key: str | None = None,
+        limits: APILimits | None = None,
     ) -> None:
         if not engines:
             raise ValueError("an app serves at least one model")
         self.contexts = contexts
+        self.limits = limits or APILimits()
         self.states = {
-            name: ServerState(engine=engine, served_model_name=name, contexts=contexts, api_key=api_key)
+            name: ServerState(
+                engine=engine, served_model_name=name, contexts=contexts, api_key=api_key, limits=self.limits
+            )
             for name, engine in engines.items()
         }
         self.default = next(iter(self.states.values()))

@@ -83,9 +83,13 @@ def te_headers(streams: Iterable[EngineStream]) -> dict[str, str]:
 
 
 def submit_refused(request_id: str, exc: Exception, *, streaming: bool) -> Response:
-    """The answer to a request the engine refused at submit time, shaped as when the refusal surfaced only
-    after the response had started: an OpenAI error, or for a stream an error event then `[DONE]`."""
+    """The answer to a request the engine refused at submit time. The client's mistakes (4xx) are answered
+    with their status even for a stream, which has not started: a 200 would tell the client it was valid.
+    Server-side failures are shaped as when they surfaced only after the response had started: an OpenAI
+    error, or for a stream an error event then `[DONE]`."""
     error = engine_error(exc)
+    if error is not None and error.status_code < 500:
+        raise error from exc
     if not streaming:
         if error is None:
             raise exc  # a bug: the app's handlers log it and answer 500

@@ -225,18 +225,43 @@ def test_cache_salt(client: TestClient, engine: FakeEngine) -> None:
     )
 
     salted = create(client, messages=SYSTEM, cache_salt="tenant-a")["id"]
+    response = client.post(
+        "/v1/chat/completions", json={**chat, "context_id": salted, "cache_salt": "tenant-a"}
+    )
+    assert response.status_code == 200
+    assert (engine.calls[-1].cache_salt, engine.calls[-1].context_id) == ("tenant-a", salted)
+
+
+def test_context_is_bound_to_its_salt(client: TestClient, engine: FakeEngine) -> None:
+    """A context id is no bearer token: with another salt, or none, it is exactly as unknown as a made-up id
+    (same status, code, param and message shape) for use, retrieval and deletion."""
+    salted = create(client, messages=SYSTEM, cache_salt="tenant-a")["id"]
     plain = create(client, messages=SYSTEM)["id"]
-    # The context's salt is the default, and the same salt given explicitly is fine.
-    for extra in ({}, {"cache_salt": "tenant-a"}):
-        response = client.post("/v1/chat/completions", json={**chat, "context_id": salted, **extra})
-        assert response.status_code == 200
-        assert (engine.calls[-1].cache_salt, engine.calls[-1].context_id) == ("tenant-a", salted)
-    # Another salt could never see the context's blocks: refused, with or without a salt on the context.
-    for context_id in (salted, plain):
-        body = {**chat, "context_id": context_id, "cache_salt": "tenant-b"}
-        assert error_of(client.post("/v1/chat/completions", json=body), 400)["param"] == "cache_salt"
-        body = {"model": MODEL, "prompt": "Hi", "context_id": context_id, "cache_salt": "tenant-b"}
-        assert error_of(client.post("/v1/completions", json=body), 400)["param"] == "cache_salt"
+    unknown = error_of(client.get("/v1/contexts/ctx-made-up"), 404)
+    chat = {"model": MODEL, "messages": QUESTION, "max_tokens": 5}
+    for context_id, salts in ((salted, [None, "tenant-b"]), (plain, ["tenant-b"])):
+        for salt in salts:
+            body_salt = {} if salt is None else {"cache_salt": salt}
+            header = {} if salt is None else {"x-cache-salt": salt}
+            for response in (
+                client.post("/v1/chat/completions", json={**chat, "context_id": context_id, **body_salt}),
+                client.post(
+                    "/v1/completions",
+                    json={"model": MODEL, "prompt": "Hi", "context_id": context_id, **body_salt},
+                ),
+                client.get(f"/v1/contexts/{context_id}", headers=header),
+                client.delete(f"/v1/contexts/{context_id}", headers=header),
+            ):
+                error = error_of(response, 404)
+                assert error == {**unknown, "message": unknown["message"].replace("ctx-made-up", context_id)}
+    assert engine.calls == [] and engine.deleted == []
+    # Under its own salt (the header for GET/DELETE) the context is there, and goes.
+    assert client.get(f"/v1/contexts/{salted}", headers={"x-cache-salt": "tenant-a"}).json()["id"] == salted
+    assert client.get(f"/v1/contexts/{plain}").json()["id"] == plain
+    assert client.delete(f"/v1/contexts/{salted}", headers={"x-cache-salt": "tenant-a"}).status_code == 200
+    assert engine.deleted == [salted]
+    too_long = client.get(f"/v1/contexts/{plain}", headers={"x-cache-salt": "s" * 257})
+    assert error_of(too_long, 400)["param"] == "x-cache-salt"
 
 
 # ---- usage -----------------------------------------------------------------------------------------------
@@ -392,7 +417,7 @@ def test_sqlite_registry_is_shared_and_expires(tmp_path: Path) -> None:
     one.add(chat_ctx)
     one.add(prompt_ctx)
     assert other.get("ctx-a") == chat_ctx and other.get("ctx-b") == prompt_ctx and len(other) == 2
-    assert other.resolve("ctx-a", None, "m") == (chat_ctx, "salt")
+    assert other.resolve("ctx-a", "salt", "m") == (chat_ctx, "salt")
     now[0] = 1010.0  # ctx-b's TTL ran out
     with pytest.raises(APIError) as missing:
         one.get("ctx-b")

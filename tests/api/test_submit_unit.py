@@ -128,15 +128,14 @@ def test_refused_prompt_releases_the_batch_submitted_before_it(
     assert first.released and first.request_id.endswith("#p0")  # the job id is the response id
 
 
-def test_refused_prompt_in_a_stream_is_an_error_event(client: TestClient, engine: FakeEngine) -> None:
+def test_refused_prompt_in_a_stream_is_a_400_not_an_event(client: TestClient, engine: FakeEngine) -> None:
+    """The stream has not started when submit refuses: the client's mistake gets its status, never a 200."""
     engine.refuse_call = 2
     engine.te_ids = ["te-0"]
     response = client.post("/v1/completions", json=streamed({**COMPLETION, "prompt": ["a", "b", "c"]}))
-    assert response.status_code == 200 and TE_HEADER not in response.headers
-    (event,) = sse_events(response.text)
-    assert (
-        event["error"]["type"] == "invalid_request_error" and "refuses submit 2" in event["error"]["message"]
-    )
+    assert response.status_code == 400 and TE_HEADER not in response.headers
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and "refuses submit 2" in error["message"]
     assert len(engine.streams) == 2 and engine.open_streams == []
 
 
