@@ -24,6 +24,7 @@ import zmq
 
 from deepflow.engine.request import SchedulerStats
 from deepflow.platform import messages as m
+from deepflow.platform.cluster.drain import DrainCandidate, choose_drain
 from deepflow.platform.cluster.registry import Registry, TERow
 from deepflow.platform.procs import cmdline, kill_quietly, pid_alive
 from deepflow.platform.spec import ClusterSpec, ModelSpec, engine_threads
@@ -156,8 +157,9 @@ class ClusterManager:
 
     # ---- scaling ---------------------------------------------------------------------------------------
     def scale(self, model_name: str, tes: int) -> str | None:
-        """Run `tes` TEs of the model: start new ones, or drain the surplus (the least useful first: those
-        not ready, then the least loaded). Returns an error message, or None."""
+        """Run `tes` TEs of the model: start new ones, or drain the surplus (`choose_drain`: those not ready,
+        then those pinning no contexts, then the least loaded). A drained TE's contexts are pinned again on a
+        survivor by the first request that uses them (the JEs' `ContextStore`). Returns an error, or None."""
         if model_name not in {m.name for m in self.spec.models}:
             return f"unknown model {model_name!r}"
         if tes < 1:
@@ -171,10 +173,18 @@ class ClusterManager:
         for _ in range(tes - len(active)):
             te = self._add(self._next_te_id(), model)
             logger.info("scaling %s up: TE %s", model_name, te.row.te_id)
-        surplus = sorted(
-            active, key=lambda te: (te.row.state == "ready", _outstanding(te.stats), te.row.te_id)
-        )
-        for te in surplus[: max(0, len(active) - tes)]:
+        candidates = [
+            DrainCandidate(
+                te_id=te.row.te_id,
+                serving=te.row.state == "ready",
+                pinned_context_tokens=te.stats.pinned_context_tokens if te.stats is not None else 0,
+                outstanding_tokens=_outstanding(te.stats),
+                started_at=te.row.started_at or 0.0,
+            )
+            for te in active
+        ]
+        for te_id in choose_drain(candidates, keep=tes):
+            te = self.tes[te_id]
             logger.info("scaling %s down: TE %s drains", model_name, te.row.te_id)
             if te.row.state == "ready":
                 te.row.state = "draining"

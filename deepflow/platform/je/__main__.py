@@ -33,11 +33,13 @@ async def serve(args: argparse.Namespace) -> int:
     executor = JobExecutor(spec, args.je_id, args.run_dir)
     try:
         await executor.start()
+        contexts = SQLiteContextRegistry(args.run_dir / "contexts.db")  # shared by the JEs, outlives them
+        contexts.locator = executor.context_location  # GET /v1/contexts/{id} says which TE pins it
         app = build_app(
             dict(executor.engines),
             api_key=os.environ.get("DEEPFLOW_API_KEY") or None,
             platform=executor,
-            contexts=SQLiteContextRegistry(args.run_dir / "contexts.db"),  # shared by the JEs, outlives them
+            contexts=contexts,
         )
         server = uvicorn.Server(
             uvicorn.Config(

@@ -25,6 +25,7 @@ from deepflow.engine.async_llm import AsyncLLM
 from deepflow.engine.tokenizer import default_tokenizer_workers
 from deepflow.platform import messages as m
 from deepflow.platform.cluster.manager import cm_address
+from deepflow.platform.je.context_store import ContextStore
 from deepflow.platform.je.job_store import JobStore
 from deepflow.platform.je.policies import make_policy
 from deepflow.platform.je.routing_client import RoutingCoreClient
@@ -44,6 +45,7 @@ class JobExecutor:
         self.je_id = je_id
         self.jobs = JobTracker()
         self.job_store = JobStore(run_dir / "jobs.db")
+        self.context_store = ContextStore(run_dir / "context_locations.db")  # where contexts are pinned
         self.groups: dict[str, RoutingCoreClient] = {}
         self.engines: dict[str, AsyncLLM] = {}
         self._context = zmq.asyncio.Context()
@@ -82,6 +84,7 @@ class JobExecutor:
                 block_size=next(iter(clients.values())).info.block_size,
                 jobs=self.jobs,
                 model=model.name,
+                contexts=self.context_store,
             )
             self.groups[model.name] = group
             group.start()  # read every TE from now on: stats and KV events flow before any request
@@ -174,6 +177,12 @@ class JobExecutor:
             raw["te_id"] = task.te_id
         return out
 
+    def context_location(self, context_id: str) -> str | None:
+        """The TE that pins a context now; None when none does yet (its TE left: the next use pins it)."""
+        return next(
+            (te for group in self.groups.values() if (te := group.context_te(context_id)) is not None), None
+        )
+
     def flush_jobs(self) -> None:
         self.job_store.save(self.je_id, [self._job_dict(job) for job in self.jobs.take_changed()])
 
@@ -230,4 +239,5 @@ class JobExecutor:
         with contextlib.suppress(Exception):
             self.flush_jobs()
         self.job_store.close()
+        self.context_store.close()
         self._context.destroy(linger=0)

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 
+from deepflow.engine.contexts import CreateContext
 from deepflow.engine.core_client import (
     Command,
     EngineCoreClient,
@@ -40,6 +43,8 @@ from deepflow.engine.request import (
     FinishReason,
     SchedulerStats,
 )
+from deepflow.engine.sampling_params import SamplingParams
+from deepflow.platform.je.context_store import ContextRecord, ContextStore
 from deepflow.platform.je.policies import (
     Decision,
     GlobalPromptTree,
@@ -86,6 +91,7 @@ class RoutingCoreClient:
         *,
         jobs: JobTracker | None = None,
         model: str = "",
+        contexts: ContextStore | None = None,
     ) -> None:
         if not clients:
             raise ValueError("a TE group needs at least one TE")
@@ -103,6 +109,9 @@ class RoutingCoreClient:
         self._streamed: set[str] = set()  # live requests that produced a token
         self._tasks: dict[str, tuple[Job, Task]] = {}  # live request id -> its job and task
         self._context_owner: dict[str, _TE] = {}
+        self.contexts = contexts  # where contexts live (shared by the JEs); re-created on use if none pins
+        self._recreating: dict[str, str] = {}  # live context-re-creating request id -> its context id
+        self._recreations = itertools.count(1)
         self._aborted: set[str] = set()  # live requests the front end aborted
         self._retired_counters = dict.fromkeys(_COUNTERS, 0)  # what TEs that left had counted
         self.decisions: deque[tuple[str, Decision]] = deque(maxlen=4096)  # (request id, decision)
@@ -137,7 +146,7 @@ class RoutingCoreClient:
     def route(self, request: EngineCoreRequest, excluded: frozenset[str] = frozenset()) -> Decision:
         """Where a request goes (it is not sent): the TE of the context it names, else the policy's pick
         among the healthy TEs not `excluded`."""
-        owner = self._context_owner.get(request.context_id) if request.context_id is not None else None
+        owner = self._context_holder(request.context_id) if request.context_id is not None else None
         if owner is not None and owner.load().healthy and owner.te_id not in excluded:
             decision = Decision(te_id=owner.te_id, reason=Reason.CONTEXT)
         else:
@@ -158,6 +167,75 @@ class RoutingCoreClient:
         self.reason_counts[str(decision.reason)] += 1
         return decision
 
+    # ---- contexts --------------------------------------------------------------------------------------
+    def _context_holder(self, context_id: str) -> _TE | None:
+        """The live TE of this group that pins (or is pinning) the context, by this JE's knowledge or the
+        shared store's (a context made through another JE); None when no live TE does."""
+        te = self._context_owner.get(context_id)
+        if te is not None and not te.dead and te.client.is_alive():
+            return te
+        record = self.contexts.get(context_id) if self.contexts is not None else None
+        if record is None or record.te_id is None:
+            return None
+        te = self.tes.get(record.te_id)
+        if te is None or te.dead or not te.client.is_alive() or _incarnation(te) != record.incarnation:
+            return None  # that TE left, died or came back empty: the context is resident nowhere
+        return te
+
+    def context_te(self, context_id: str) -> str | None:
+        """Where a context lives now (a draining TE that still pins it included), or None."""
+        te = self._context_holder(context_id)
+        return te.te_id if te is not None else None
+
+    def _needs_recreate(self, request: EngineCoreRequest) -> ContextRecord | None:
+        """The context a request names when no healthy TE pins it: it is pinned again where the request
+        goes (its TE was drained, died or restarted)."""
+        if request.context_id is None or request.create_context is not None or self.contexts is None:
+            return None
+        holder = self._context_holder(request.context_id)
+        if holder is not None and holder.load().healthy:
+            return None
+        return self.contexts.get(request.context_id)
+
+    def _recreate(self, record: ContextRecord, te: _TE) -> None:
+        """Pin `record` on `te` again, just before the request that uses it: the creator is admitted first,
+        so with prefix caching the request shares the blocks it computes in the same step."""
+        request_id = f"context-{record.context_id}.r{next(self._recreations)}"
+        te.client.add_request(
+            EngineCoreRequest(
+                request_id=request_id,
+                prompt_token_ids=list(record.token_ids),
+                sampling_params=SamplingParams(temperature=0.0, max_tokens=1),
+                cache_salt=record.cache_salt,
+                create_context=CreateContext(
+                    context_id=record.context_id, ttl_seconds=max(1.0, record.expires_at - time.time())
+                ),
+            )
+        )
+        self._recreating[request_id] = record.context_id
+        self._owner[request_id] = te
+        te.requests.add(request_id)
+        te.routed_tokens += len(record.token_ids)
+        self._context_owner[record.context_id] = te
+        assert self.contexts is not None
+        self.contexts.locate(record.context_id, te.te_id, _incarnation(te))
+        logger.info("context %s re-created on TE %s (first use since its TE left)", record.context_id,
+                    te.te_id)  # fmt: skip
+
+    def _recreated(self, te: _TE, out: EngineCoreOutput) -> None:
+        """A re-creating request ended (or its TE died): the context is pinned there, or nowhere."""
+        context_id = self._recreating.pop(out.request_id)
+        self._owner.pop(out.request_id, None)
+        te.requests.discard(out.request_id)
+        if out.context_pinned_tokens is None:
+            logger.warning("context %s could not be re-created on TE %s: %s", context_id, te.te_id,
+                           out.stop_reason)  # fmt: skip
+            if self._context_owner.get(context_id) is te:
+                del self._context_owner[context_id]
+            record = self.contexts.get(context_id) if self.contexts is not None else None
+            if record is not None and record.te_id == te.te_id and self.contexts is not None:
+                self.contexts.locate(context_id, None, None)
+
     def te_of(self, request_id: str) -> str | None:
         te = self._owner.get(request_id)
         return te.te_id if te is not None else None
@@ -166,10 +244,14 @@ class RoutingCoreClient:
         job_task = self._tasks.get(request.request_id) or self._new_task(request)
         self._move(job_task, State.QUEUED)
         refused: frozenset[str] = frozenset()  # TEs whose socket refused it (dead, not yet reported so)
+        recreate = self._needs_recreate(request)
         while True:
             try:
                 decision = self.route(request, refused)
                 te = self.tes[decision.te_id]
+                if recreate is not None and decision.reason != Reason.CONTEXT:
+                    self._recreate(recreate, te)
+                    recreate = None
                 te.client.add_request(request)
                 break
             except EngineDeadError:
@@ -189,6 +271,17 @@ class RoutingCoreClient:
         te.routed_tokens += uncached + (request.sampling_params.max_tokens or 0)
         if request.create_context is not None:
             self._context_owner[request.create_context.context_id] = te
+            if self.contexts is not None:
+                self.contexts.save(
+                    ContextRecord(
+                        context_id=request.create_context.context_id,
+                        token_ids=list(request.prompt_token_ids),
+                        cache_salt=request.cache_salt,
+                        expires_at=time.time() + request.create_context.ttl_seconds,
+                        te_id=te.te_id,
+                        incarnation=_incarnation(te),
+                    )
+                )
 
     # ---- jobs ------------------------------------------------------------------------------------------
     def _new_task(self, request: EngineCoreRequest) -> tuple[Job, Task] | None:
@@ -233,6 +326,8 @@ class RoutingCoreClient:
     def send(self, command: Command) -> None:
         if isinstance(command, ReleaseContext):
             te = self._context_owner.pop(command.context_id, None)
+            if self.contexts is not None:
+                self.contexts.delete(command.context_id)
             # Made through another JE (or before a restart of this one): whichever TE pins it unpins it.
             for target in [te] if te is not None else list(self.tes.values()):
                 if not target.dead:
@@ -296,6 +391,10 @@ class RoutingCoreClient:
         ended: list[EngineCoreOutput] = []
         message = f"task executor {te.te_id} failed: {reason}"
         for request_id in sorted(te.requests):
+            if request_id in self._recreating:  # pinned nowhere now: the next use re-creates it again
+                self._recreated(te, EngineCoreOutput(request_id=request_id, new_token_ids=[],
+                                                     stop_reason=message))  # fmt: skip
+                continue
             request = self._requests.get(request_id)
             self._owner.pop(request_id, None)
             streamed = request_id in self._streamed
@@ -358,6 +457,10 @@ class RoutingCoreClient:
         for out in batch.outputs:
             if self._owner.get(out.request_id) is not te:
                 continue  # not (or no longer) this TE's: e.g. retried elsewhere already
+            if out.request_id in self._recreating:  # ours, not the front end's
+                if out.finish_reason is not None:
+                    self._recreated(te, out)
+                continue
             outputs.append(out)
             job_task = self._tasks.get(out.request_id)
             if out.new_token_ids:
@@ -396,6 +499,11 @@ class RoutingCoreClient:
         for te in self.tes.values():
             with contextlib.suppress(Exception):
                 te.client.shutdown()
+
+
+def _incarnation(te: _TE) -> int:
+    """The TE's incarnation (0 for an engine that is not a platform TE, e.g. in tests)."""
+    return int(getattr(getattr(te.client, "info", None), "incarnation", 0))
 
 
 _GAUGES = ("num_running", "num_waiting", "outstanding_tokens", "pinned_context_tokens")
