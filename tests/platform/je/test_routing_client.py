@@ -56,11 +56,15 @@ def run(tes: dict[str, MPEngineCoreClient], policy_name: str, scenario, **params
     return group
 
 
-async def complete(engine: AsyncLLM, prompt: list[int], max_tokens: int = 4) -> int:
+async def complete(
+    engine: AsyncLLM, prompt: list[int], max_tokens: int = 4, started: asyncio.Event | None = None
+) -> int:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     last = None
     async for out in engine.generate(prompt, params):
         last = out
+        if started is not None and out.outputs[0].token_ids:
+            started.set()  # running on its TE, whose stats (in the same batch) now count it
     assert last is not None and last.finished
     return last.num_cached_tokens
 
@@ -91,8 +95,10 @@ def test_under_skewed_load_the_combined_policy_spreads_a_shared_prefix(tes) -> N
     async def scenario(engine: AsyncLLM, group: RoutingCoreClient) -> None:
         batch = prompts(engine, 4)
         await complete(engine, batch[0])  # warms one TE's cache
-        busy = asyncio.create_task(complete(engine, batch[1], max_tokens=150))  # a long answer on that TE
-        await asyncio.sleep(0.5)
+        decoding = asyncio.Event()
+        busy = asyncio.create_task(complete(engine, batch[1], 150, decoding))  # a long answer on that TE
+        await asyncio.wait_for(decoding.wait(), 120)  # a bound against hangs only
+        assert not busy.done()  # still owing ~150 tokens when the next request is routed
         await complete(engine, batch[2])
         await busy
 
