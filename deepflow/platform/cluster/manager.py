@@ -25,7 +25,7 @@ import zmq
 from deepflow.engine.request import SchedulerStats
 from deepflow.platform import messages as m
 from deepflow.platform.cluster.drain import DrainCandidate, choose_drain
-from deepflow.platform.cluster.registry import Registry, TERow
+from deepflow.platform.cluster.registry import Registry, TERow, TEStatus
 from deepflow.platform.procs import cmdline, kill_quietly, pid_alive
 from deepflow.platform.spec import ClusterSpec, ModelSpec, engine_threads
 
@@ -113,7 +113,9 @@ class ClusterManager:
         rows = {row.te_id: row for row in self.registry.tes()}
         names = {model.name for model in self.spec.models}
         live = [
-            row for row in rows.values() if row.state not in ("stopped", "removed") and row.model in names
+            row
+            for row in rows.values()
+            if row.state not in (TEStatus.STOPPED, TEStatus.REMOVED) and row.model in names
         ]
         # A restarted manager: the registry, not the spec, says which TEs exist (scaling may have changed it).
         members = [(row.te_id, self.spec.model(row.model)) for row in live] if live else self.spec.te_ids()
@@ -122,19 +124,19 @@ class ClusterManager:
             adopted = _TE(row=row, spec=model, last_heartbeat=time.monotonic()) if row is not None else None
             if (
                 adopted is not None
-                and adopted.row.state in ("starting", "ready", "draining")
+                and adopted.row.state in (TEStatus.STARTING, TEStatus.READY, TEStatus.DRAINING)
                 and adopted.alive()
             ):
                 # It keeps running; its next heartbeat (within a second) makes it ready again here.
-                if adopted.row.state != "draining":
-                    adopted.row.state = "starting"
+                if adopted.row.state != TEStatus.DRAINING:
+                    adopted.row.state = TEStatus.STARTING
                 self.tes[te_id] = adopted
                 logger.info(
                     "adopted TE %s (pid %s, incarnation %d)", te_id, adopted.row.pid, adopted.row.incarnation
                 )
                 continue
-            if row is not None and row.state == "draining":
-                row.state = "removed"  # it was on its way out anyway
+            if row is not None and row.state == TEStatus.DRAINING:
+                row.state = TEStatus.REMOVED  # it was on its way out anyway
                 self.registry.save_te(row)
                 continue
             self._add(te_id, model, row)
@@ -146,7 +148,7 @@ class ClusterManager:
             te_id=te_id,
             model=model.name,
             incarnation=previous.incarnation if previous else 0,
-            state="dead",
+            state=TEStatus.DEAD,
             pid=None,
             address="",
             restarts=previous.restarts if previous else 0,
@@ -167,7 +169,8 @@ class ClusterManager:
         active = [
             te
             for te in self.tes.values()
-            if te.spec.name == model_name and te.row.state in ("starting", "ready", "dead")
+            if te.spec.name == model_name
+            and te.row.state in (TEStatus.STARTING, TEStatus.READY, TEStatus.DEAD)
         ]
         model = self.spec.model(model_name)
         for _ in range(tes - len(active)):
@@ -176,7 +179,7 @@ class ClusterManager:
         candidates = [
             DrainCandidate(
                 te_id=te.row.te_id,
-                serving=te.row.state == "ready",
+                serving=te.row.state == TEStatus.READY,
                 pinned_context_tokens=te.stats.pinned_context_tokens if te.stats is not None else 0,
                 outstanding_tokens=_outstanding(te.stats),
                 started_at=te.row.started_at or 0.0,
@@ -186,11 +189,11 @@ class ClusterManager:
         for te_id in choose_drain(candidates, keep=tes):
             te = self.tes[te_id]
             logger.info("scaling %s down: TE %s drains", model_name, te.row.te_id)
-            if te.row.state == "ready":
-                te.row.state = "draining"
+            if te.row.state == TEStatus.READY:
+                te.row.state = TEStatus.DRAINING
             else:  # not serving anything yet
                 te.kill()
-                te.row.state = "removed"
+                te.row.state = TEStatus.REMOVED
             self.registry.save_te(te.row)
         self._changed()
         return None
@@ -237,7 +240,7 @@ class ClusterManager:
             te_id=te.row.te_id,
             model=te.spec.name,
             incarnation=incarnation,
-            state="starting",
+            state=TEStatus.STARTING,
             pid=None,
             address=address,
             restarts=te.row.restarts + (1 if incarnation > 1 else 0),
@@ -256,7 +259,7 @@ class ClusterManager:
         te.failures = te.failures + 1 if te.row.ready_at is None or lived < 60 else 0
         delay = min(30.0, 0.25 * 2**te.failures)
         te.restart_at = time.monotonic() + delay
-        te.row.state = "dead"
+        te.row.state = TEStatus.DEAD
         te.stats = None
         self.registry.save_te(te.row)
         logger.warning("TE %s (pid %s) %s; restarting in %.1f s", te.row.te_id, te.row.pid, reason, delay)
@@ -266,27 +269,31 @@ class ClusterManager:
         now = time.monotonic()
         for te in self.tes.values():
             state = te.row.state
-            if state in ("starting", "ready"):
+            if state in (TEStatus.STARTING, TEStatus.READY):
                 if not te.alive():
                     self._died(te, te.exit_note())
-                elif state == "ready" and now - te.last_heartbeat > HEARTBEAT_TIMEOUT:
+                elif state == TEStatus.READY and now - te.last_heartbeat > HEARTBEAT_TIMEOUT:
                     te.kill()
                     self._died(te, f"sent no heartbeat for {HEARTBEAT_TIMEOUT:.0f} s (killed)")
                 elif (
-                    state == "starting"
+                    state == TEStatus.STARTING
                     and te.process is not None
                     and time.time() - (te.row.started_at or 0) > STARTUP_TIMEOUT
                 ):
                     te.kill()
                     self._died(te, f"did not become ready within {STARTUP_TIMEOUT:.0f} s (killed)")
-                elif state == "starting" and te.process is None and self._adopted_silent(te, now):
+                elif state == TEStatus.STARTING and te.process is None and self._adopted_silent(te, now):
                     te.kill()
                     self._died(te, "was adopted but never reported (killed)")
-            elif state == "draining":
+            elif state == TEStatus.DRAINING:
                 self._drain(te)
-            elif state in ("dead", "removed") and te.process is not None and te.process.returncode is None:
+            elif (
+                state in (TEStatus.DEAD, TEStatus.REMOVED)
+                and te.process is not None
+                and te.process.returncode is None
+            ):
                 te.process.poll()  # reap a TE we killed, so it is no zombie until the restart
-            if te.row.state == "dead" and not self.stopping and now >= te.restart_at:
+            if te.row.state == TEStatus.DEAD and not self.stopping and now >= te.restart_at:
                 self._spawn(te)
                 self._changed()
 
@@ -294,7 +301,7 @@ class ClusterManager:
         """A draining TE gets no new requests (the JEs know); once it reports none running or waiting it is
         stopped, and once it exited it is removed."""
         if not te.alive():
-            te.row.state = "removed"
+            te.row.state = TEStatus.REMOVED
             self.registry.save_te(te.row)
             logger.info("TE %s drained and stopped", te.row.te_id)
             self._changed()
@@ -317,7 +324,11 @@ class ClusterManager:
     def _on_te_heartbeat(self, identity: bytes, beat: m.TEHeartbeat) -> None:
         info = beat.info
         te = self.tes.get(info.te_id)
-        if te is None or info.incarnation != te.row.incarnation or te.row.state in ("dead", "removed"):
+        if (
+            te is None
+            or info.incarnation != te.row.incarnation
+            or te.row.state in (TEStatus.DEAD, TEStatus.REMOVED)
+        ):
             logger.warning(
                 "stopping stray TE %s incarnation %d (pid %d)", info.te_id, info.incarnation, info.pid
             )
@@ -325,9 +336,9 @@ class ClusterManager:
             return
         te.info, te.stats, te.identity = info, beat.stats, identity
         te.last_heartbeat = time.monotonic()
-        if te.row.state == "starting":
+        if te.row.state == TEStatus.STARTING:
             te.row.incarnation, te.row.pid, te.row.address = info.incarnation, info.pid, info.address
-            te.row.state = "ready"
+            te.row.state = TEStatus.READY
             te.row.ready_at = te.row.ready_at if te.process is None and te.row.ready_at else time.time()
             self.registry.save_te(te.row)
             took = te.row.ready_at - (te.row.started_at or te.row.ready_at)
@@ -358,7 +369,7 @@ class ClusterManager:
                     incarnation=te.row.incarnation,
                     state=te.row.state,
                     pid=te.row.pid,
-                    info=te.info if te.row.state in ("ready", "draining") else None,
+                    info=te.info if te.row.state in (TEStatus.READY, TEStatus.DRAINING) else None,
                 )
                 for te in self.tes.values()
             ],
@@ -407,13 +418,13 @@ class ClusterManager:
         groups = []
         for model in self.spec.models:
             members = [te for te in self.tes.values() if te.spec.name == model.name]
-            stats = [te.stats for te in members if te.stats is not None and te.row.state == "ready"]
+            stats = [te.stats for te in members if te.stats is not None and te.row.state == TEStatus.READY]
             groups.append(
                 {
                     "model": model.name,
                     "policy": model.policy,
-                    "tes": [te.row.te_id for te in members if te.row.state != "removed"],
-                    "ready": sum(te.row.state == "ready" for te in members),
+                    "tes": [te.row.te_id for te in members if te.row.state != TEStatus.REMOVED],
+                    "ready": sum(te.row.state == TEStatus.READY for te in members),
                     "load": _sum_load(stats),
                     "kv_usage": sum(s.kv_cache_usage for s in stats) / len(stats) if stats else None,
                     "prefix_cache_hit_rate": _hit_rate(stats),
@@ -470,7 +481,9 @@ class ClusterManager:
     def _stop_tes(self) -> None:
         """StopTE (and SIGTERM) to every TE, wait for them to exit, kill what is left."""
         live = [
-            te for te in self.tes.values() if te.row.state in ("starting", "ready", "draining") and te.alive()
+            te
+            for te in self.tes.values()
+            if te.row.state in (TEStatus.STARTING, TEStatus.READY, TEStatus.DRAINING) and te.alive()
         ]
         for te in live:
             if te.identity is not None:
@@ -487,7 +500,7 @@ class ClusterManager:
             if te.process is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     te.process.wait(timeout=5)
-            te.row.state = "stopped"
+            te.row.state = TEStatus.STOPPED
             self.registry.save_te(te.row)
         self.registry.close()
         self._context.destroy(linger=0)

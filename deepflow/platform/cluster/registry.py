@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from enum import StrEnum
 from pathlib import Path
 
 import msgspec
@@ -34,11 +35,22 @@ CREATE TABLE IF NOT EXISTS jes (
 """
 
 
+class TEStatus(StrEnum):
+    """A TE's state in the cluster manager (stored and pushed to the JEs by value)."""
+
+    STARTING = "starting"  # spawned (or adopted), no heartbeat yet
+    READY = "ready"  # serving
+    DRAINING = "draining"  # scaled down: finishes its requests, gets no new ones, then stops
+    DEAD = "dead"  # exited or hung: restarted under a new incarnation after a backoff
+    REMOVED = "removed"  # scaled away
+    STOPPED = "stopped"  # the manager stopped it on shutdown
+
+
 class TERow(msgspec.Struct, kw_only=True):
     te_id: str
     model: str
     incarnation: int
-    state: str
+    state: TEStatus
     pid: int | None
     address: str
     restarts: int = 0
@@ -61,7 +73,7 @@ class Registry:
                 te_id=r[0],
                 model=r[1],
                 incarnation=r[2],
-                state=r[3],
+                state=TEStatus(r[3]),
                 pid=r[4],
                 address=r[5],
                 restarts=r[6],
