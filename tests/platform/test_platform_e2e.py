@@ -377,6 +377,50 @@ def test_scaling_up_then_down_drains_without_losing_a_request(
     assert bad.status_code == 400 and "unknown model" in bad.json()["error"]["message"]
 
 
+def test_a_context_whose_te_restarted_is_pinned_again_by_its_first_use(
+    server: ServerProcess, http: httpx.Client
+) -> None:
+    """Recompute on use: a context's TE dies (its pinned KV with it); GET says it lives nowhere; the first
+    request naming it pins it again where it runs, and the next one reuses it."""
+    assert wait_for(lambda: all(te["state"] in ("ready", "removed") for te in cluster(http)["tes"]), 120)
+    context = {"model": server.model, "messages": [{"role": "system", "content": SYSTEM * 4}]}
+    made = http.post("/v1/contexts", json={**context, "ttl_seconds": 600})
+    assert made.status_code == 200, made.text
+    context_id, context_tokens, holder = made.json()["id"], made.json()["tokens"], made.json()["te"]
+    victim = next(te for te in cluster(http)["tes"] if te["te_id"] == holder)
+    os.kill(victim["pid"], signal.SIGKILL)
+
+    def back() -> bool:
+        te = next(t for t in cluster(http)["tes"] if t["te_id"] == holder)
+        return te["state"] == "ready" and te["incarnation"] > victim["incarnation"]
+
+    assert wait_for(back, 120, 0.1)
+    assert http.get(f"/v1/contexts/{context_id}").json()["te"] is None  # its KV died with that incarnation
+    body = {**chat(server.model, "Which pier?"), "messages": [{"role": "user", "content": "Which pier?"}]}
+    body["context_id"] = context_id
+    replies: list[httpx.Response] = []
+
+    def used() -> bool:  # until every JE knows the new incarnation (a bound against hangs only)
+        with contextlib.suppress(httpx.HTTPError):
+            replies.append(http.post("/v1/chat/completions", json=body))
+            return replies[-1].status_code == 200
+        return False
+
+    assert wait_for(used, 60, 0.1), replies[-1].text if replies else "no reply"
+    serving = replies[-1].headers["x-deepflow-te"]
+    assert http.get(f"/v1/contexts/{context_id}").json()["te"] == serving
+
+    def pinned_on(te_id: str) -> int:
+        return next(te["pinned_context_tokens"] or 0 for te in cluster(http)["tes"] if te["te_id"] == te_id)
+
+    assert wait_for(lambda: pinned_on(serving) >= context_tokens - 16, 30)  # pinned, not merely cached
+    again = http.post("/v1/chat/completions", json=body)
+    assert again.status_code == 200 and again.headers["x-deepflow-te"] == serving
+    assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= context_tokens - 16
+    assert http.delete(f"/v1/contexts/{context_id}").status_code == 200
+    assert wait_for(lambda: pinned_on(serving) == 0, 30)
+
+
 def _tiny_model_with_smollm2_tokenizer(smollm2_dir: Path, folder: Path) -> Path:
     """A second, different model that shares SmolLM2's tokenizer (random weights, two layers)."""
     import shutil
