@@ -5,16 +5,26 @@ Each app gets its own registries (not prometheus_client's global one) so several
 with several models the same family (`vllm:num_requests_running`, ...) exists once per engine: rendering the
 registries one after another would repeat its `# HELP`/`# TYPE` lines, which Prometheus rejects. The engines'
 families are merged into one instead, told apart by their `model_name` label.
+
+Several job executors share one port, so a scrape reaches any of them. The launcher gives them a
+`PROMETHEUS_MULTIPROC_DIR` (prometheus_client's multiprocess mode: each process keeps its values in files
+there), and a scrape then adds up every JE's front-end and HTTP families (dead JEs' counters included, so
+counters never go back), while the families fed by TE stats, which every JE receives alike, come from the
+answering JE alone.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+from deepflow.engine.metrics import STATS_FAMILIES
 
 MODEL_LABEL = "model_name"
 
@@ -49,6 +59,19 @@ class EngineMetricsCollector(Collector):
         return list(families.values())
 
 
+class AcrossProcessesCollector(Collector):
+    """Every process's values from a multiprocess directory, except the TE-stats families, which come from
+    this process's engines (`own`)."""
+
+    def __init__(self, path: str, own: Collector) -> None:
+        self.path = path
+        self.own = own
+
+    def collect(self) -> Iterable[Metric]:
+        shared = [f for f in MultiProcessCollector(None, self.path).collect() if f.name not in STATS_FAMILIES]
+        return shared + [f for f in self.own.collect() if f.name in STATS_FAMILIES]
+
+
 class HTTPMetrics:
     def __init__(self, engines: Mapping[str, Any] | None = None) -> None:
         self.registry = CollectorRegistry()
@@ -66,7 +89,13 @@ class HTTPMetrics:
             registry=self.registry,
         )
         self.engine_registry = CollectorRegistry(auto_describe=False)
-        self.engine_registry.register(EngineMetricsCollector(engines or {}))
+        engine_collector = EngineMetricsCollector(engines or {})
+        self.engine_registry.register(engine_collector)
+        self.shared_registry: CollectorRegistry | None = None
+        shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if shared_dir:
+            self.shared_registry = CollectorRegistry(auto_describe=False)
+            self.shared_registry.register(AcrossProcessesCollector(shared_dir, engine_collector))
 
     def observe(self, method: str, handler: str, status: int, seconds: float) -> None:
         self.requests.labels(method, handler, str(status)).inc()
@@ -74,4 +103,6 @@ class HTTPMetrics:
 
     def render(self) -> bytes:
         """Engine metrics first, then the HTTP layer's; valid even when no engine has metrics (fakes)."""
+        if self.shared_registry is not None:
+            return generate_latest(self.shared_registry)
         return generate_latest(self.engine_registry) + generate_latest(self.registry)

@@ -52,6 +52,25 @@ _E2E_BUCKETS = (
 )
 
 
+# Families fed by the TEs' `SchedulerStats`: every job executor receives the same stats, so with several JEs
+# these are taken from the JE that answers the scrape, never added up (the front end's families are).
+STATS_FAMILIES = frozenset(
+    {
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:num_preemptions",
+        "vllm:prefix_cache_queries",
+        "vllm:prefix_cache_hits",
+        "deepflow:prefix_cache_hits_host",
+        "deepflow:kv_blocks_evicted",
+        "deepflow:host_kv_blocks_evicted",
+        "deepflow:kv_populate_latency_seconds",
+        "deepflow:pinned_context_tokens",
+    }
+)
+
+
 class EngineMetrics:
     def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry()

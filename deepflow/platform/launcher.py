@@ -76,6 +76,10 @@ class Launcher:
         env.pop("DEEPFLOW_API_KEY", None)
         if self.api_key:
             env["DEEPFLOW_API_KEY"] = self.api_key  # not on the command line, where `ps` shows it
+        # The JEs' metrics live in files there, so /metrics on the shared port adds up every JE's.
+        metrics_dir = self.run_dir / "metrics"
+        metrics_dir.mkdir(exist_ok=True)
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         self.jes[je_id] = subprocess.Popen(
             [sys.executable, "-m", "deepflow.platform.je", *self._common(), "--je-id", je_id,
              "--listen-fd", str(self.listener.fileno()), "--lifeline-fd", str(self._lifeline_read)],
