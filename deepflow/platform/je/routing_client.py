@@ -325,11 +325,13 @@ class RoutingCoreClient:
 
     def send(self, command: Command) -> None:
         if isinstance(command, ReleaseContext):
-            te = self._context_owner.pop(command.context_id, None)
+            self._context_owner.pop(command.context_id, None)
             if self.contexts is not None:
                 self.contexts.delete(command.context_id)
-            # Made through another JE (or before a restart of this one): whichever TE pins it unpins it.
-            for target in [te] if te is not None else list(self.tes.values()):
+            # Every live TE: the context may have been made through another JE (or before a restart of this
+            # one), and two JEs may each have pinned it again after its TE left; releasing an id a TE does
+            # not pin is a no-op there.
+            for target in list(self.tes.values()):
                 if not target.dead:
                     with contextlib.suppress(EngineDeadError):
                         target.client.send(command)
