@@ -71,15 +71,16 @@ class ModelRunner:
             (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(args.num_layers)
         ]
         # The host tier of the Relational Tensor Cache: same layout, its own budget. On CPU both tiers are
-        # RAM but distinct, with real copies; on a GPU this would be pinned host memory. `empty`: pages are
-        # only touched when blocks are first evicted into them.
+        # RAM but distinct, with real copies; on a GPU this would be pinned host memory. `zeros` touches
+        # every page now (~0.2 s a GiB): the budget is taken at start, so a machine short of memory fails
+        # here rather than under load, and the TE's RSS is flat from its first request (a soak measures it).
         per_block = kv_bytes_per_block(self.model, block_size)
         self.num_host_blocks = (
             num_host_blocks if num_host_blocks is not None else host_cache_memory // per_block
         )
         host_shape = (args.num_kv_heads, self.num_host_blocks, block_size, args.head_dim)
         self.host_caches = [
-            (torch.empty(host_shape, dtype=dtype), torch.empty(host_shape, dtype=dtype))
+            (torch.zeros(host_shape, dtype=dtype), torch.zeros(host_shape, dtype=dtype))
             for _ in range(args.num_layers if self.num_host_blocks else 0)
         ]
         self.sampler = Sampler()
