@@ -29,6 +29,13 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+def accepts(*values: Any) -> Any:
+    """A parameter refused by name (`unsupported`) unless it has one of `values`: typed `Any` so that the
+    refusal, not pydantic, words the error, while the schema lists what is accepted (for clients and the
+    fuzzer, which would otherwise send values every request is refused for)."""
+    return Field(default=None, json_schema_extra={"enum": [None, *values]})
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -40,13 +47,22 @@ class TextPart(StrictModel):
 
 
 class ChatMessage(StrictModel):
-    role: str
+    # The schema says what `_content_present` checks: only an assistant message may go without content.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"role": {"const": "assistant"}}},
+            "else": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+        }
+    )
+    # A plain str checked by `_known_role` (so that 'tool' is told tool calling is unsupported); the schema
+    # still lists the roles, for clients and the fuzzer.
+    role: str = Field(json_schema_extra={"enum": list(_ROLES)})
     content: str | list[TextPart] | None = None
     name: str | None = None
     # Tool/function calling is not supported: declared to be refused by name (see `check_supported`).
-    tool_calls: list[Any] | None = None
-    tool_call_id: str | None = None
-    function_call: Any = None
+    tool_calls: list[Any] | None = Field(default=None, json_schema_extra={"maxItems": 0})
+    tool_call_id: str | None = accepts()
+    function_call: Any = accepts()
 
     @field_validator("content", mode="before")
     @classmethod
@@ -122,7 +138,7 @@ class SamplingRequest(StrictModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user label for abuse tracking; nothing to track here
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra={"maxProperties": 0})
     # Extensions (vLLM names and semantics).
     top_k: int | None = Field(default=None, ge=-1, le=_INT32_MAX)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -253,20 +269,20 @@ class ChatCompletionRequest(SamplingRequest):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     # Known OpenAI parameters that are refused unless given their neutral value (see `check_supported`).
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    parallel_tool_calls: Any = None
-    response_format: Any = None
-    audio: Any = None
-    modalities: Any = None
-    prediction: Any = None
-    store: Any = None
-    service_tier: Any = None
-    reasoning_effort: Any = None
-    verbosity: Any = None
-    web_search_options: Any = None
+    tools: Any = accepts()
+    tool_choice: Any = accepts("none")
+    functions: Any = accepts()
+    function_call: Any = accepts("none")
+    parallel_tool_calls: Any = accepts()
+    response_format: Any = accepts({"type": "text"})
+    audio: Any = accepts()
+    modalities: Any = accepts(["text"])
+    prediction: Any = accepts()
+    store: Any = accepts(False)
+    service_tier: Any = accepts("auto", "default")
+    reasoning_effort: Any = accepts()
+    verbosity: Any = accepts()
+    web_search_options: Any = accepts()
 
     def max_new_tokens(self) -> int | None:
         """`max_completion_tokens` supersedes `max_tokens`; None: up to the context length."""
