@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
+from deepflow.bench.clock import SYSTEM_CLOCK, Clock
 from deepflow.bench.datasets import Prompt
 
 __all__ = [
@@ -168,10 +168,18 @@ def _error_message(chunk: dict[str, Any]) -> str | None:
 
 
 async def stream_request(
-    client: httpx.AsyncClient, path: str, payload: dict[str, Any], record: RequestRecord, timeout: float
+    client: httpx.AsyncClient,
+    path: str,
+    payload: dict[str, Any],
+    record: RequestRecord,
+    timeout: float,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> RequestRecord:
-    """POST `payload` to `path`, streaming, and fill `record`; `timeout` bounds the whole request."""
-    start = time.perf_counter()
+    """POST `payload` to `path`, streaming, and fill `record`; `timeout` bounds the whole request.
+
+    Latencies are differences of `clock.now()`; the timeout runs on the event loop's clock.
+    """
+    start = clock.now()
     last: float | None = None
     pieces: list[str] = []
     usage: dict[str, Any] | None = None
@@ -196,7 +204,7 @@ async def stream_request(
                     return record
                 text = _chunk_text(chunk)
                 if text:
-                    now = time.perf_counter()
+                    now = clock.now()
                     if last is None:
                         record.ttft_s = now - start
                     else:
@@ -217,7 +225,7 @@ async def stream_request(
     except ValueError as exc:  # json.JSONDecodeError included
         record.fail("bad stream", str(exc))
         return record
-    record.e2e_s = time.perf_counter() - start
+    record.e2e_s = clock.now() - start
     record.text = "".join(pieces)
     record.content_chunks = len(pieces)
     record.output_tokens = len(pieces)

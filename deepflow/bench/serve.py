@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from deepflow import __version__
 from deepflow.bench.client import RequestRecord, chat_payload, completions_payload, stream_request
+from deepflow.bench.clock import SYSTEM_CLOCK, Clock
 from deepflow.bench.config import BenchConfig
 from deepflow.bench.datasets import (
     STREAM_ARRIVALS,
@@ -46,9 +46,15 @@ def poisson_arrivals(n: int, rps: float, seed: int) -> list[float]:
 class _Runner:
     """Sends sessions with one shared client and collects one record per planned request."""
 
-    def __init__(self, config: BenchConfig, client: httpx.AsyncClient, on_done: Callable[[], None]) -> None:
-        self.config, self.client, self.on_done = config, client, on_done
-        self.t0 = time.perf_counter()
+    def __init__(
+        self,
+        config: BenchConfig,
+        client: httpx.AsyncClient,
+        on_done: Callable[[], None],
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.config, self.client, self.on_done, self.clock = config, client, on_done, clock
+        self.t0 = clock.now()
 
     def _payload(self, session: Session, turn: int, answers: Sequence[str]) -> dict[str, object]:
         cfg = self.config
@@ -70,9 +76,11 @@ class _Runner:
             if turn_index and not records[turn_index - 1].success:
                 record.fail("not sent", f"turn {turn_index - 1} of this conversation failed")
             else:
-                record.start_s = time.perf_counter() - self.t0
+                record.start_s = self.clock.now() - self.t0
                 payload = self._payload(session, turn_index, answers)
-                await stream_request(self.client, self.config.path, payload, record, self.config.timeout)
+                await stream_request(
+                    self.client, self.config.path, payload, record, self.config.timeout, self.clock
+                )
                 answers.append(record.text)
                 history += record.output_tokens
             self.on_done()
@@ -104,9 +112,7 @@ class _Runner:
 
         tasks = []
         for i, at in enumerate(arrivals):
-            delay = self.t0 + at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            await self.clock.sleep_until(self.t0 + at)
             tasks.append(asyncio.create_task(one(i)))
         return [r for batch in await asyncio.gather(*tasks) for r in batch]
 
@@ -147,8 +153,20 @@ def _prepare(config: BenchConfig) -> tuple[TextTokenizer, list[Session], list[Se
     return tokenizer, sessions, warmup
 
 
-async def run_benchmark(config: BenchConfig) -> BenchResult:
-    """Run one benchmark against `config.base_url` and return its records and summary."""
+async def run_benchmark(
+    config: BenchConfig,
+    *,
+    clock: Clock | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> BenchResult:
+    """Run one benchmark against `config.base_url` and return its records and summary.
+
+    `clock` (default: real time, `SystemClock`) takes every time and makes every wait of the run; tests
+    pass a virtual one. `transport` replaces httpx's network transport for the streamed requests (tests
+    route them to an in-process fake server; connection limits then do not apply). The tokenizer still
+    reaches `/tokenize` over the network.
+    """
+    clock = clock or SYSTEM_CLOCK
     config.validate()
     # Building prompts may call the server's /tokenize: keep the event loop free (it may host the server).
     tokenizer, sessions, warmup_sessions = await asyncio.to_thread(_prepare, config)
@@ -157,11 +175,15 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     total = sum(len(s.turns) for s in sessions)
     async with httpx.AsyncClient(
-        base_url=config.root_url, headers=headers, limits=limits, timeout=httpx.Timeout(config.timeout)
+        base_url=config.root_url,
+        headers=headers,
+        limits=limits,
+        timeout=httpx.Timeout(config.timeout),
+        transport=transport,
     ) as client:
         warmup: list[RequestRecord] = []
         if warmup_sessions:
-            warm = _Runner(config, client, lambda: None)
+            warm = _Runner(config, client, lambda: None, clock)
             warmup = await warm.closed_loop(warmup_sessions, workers or len(warmup_sessions))
         started_at = datetime.now(UTC).isoformat(timespec="seconds")
         with tqdm(
@@ -171,13 +193,13 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
             file=sys.stderr,
             disable=not config.progress,
         ) as bar:
-            runner = _Runner(config, client, lambda: bar.update(1))
+            runner = _Runner(config, client, lambda: bar.update(1), clock)
             if config.rps is None:
                 records = await runner.closed_loop(sessions, workers or 1)
             else:
                 arrivals = poisson_arrivals(len(sessions), config.rps, config.seed)
                 records = await runner.open_loop(sessions, arrivals, config.concurrency)
-            duration = time.perf_counter() - runner.t0
+            duration = clock.now() - runner.t0
     records.sort(key=lambda r: r.index)
     return BenchResult(
         config=config,

@@ -1,9 +1,12 @@
-"""A tiny OpenAI-compatible SSE server on 127.0.0.1 for the benchmark tests (plain asyncio, no model).
+"""A tiny OpenAI-compatible SSE server for the benchmark tests (plain asyncio, no model).
 
-It streams one word per chunk with deterministic delays (first chunk after `ttft_s`, then every `itl_s`), so
-measured latencies are checkable; it fakes a block-aligned prefix cache (`cached_tokens`), a whitespace
-tokenizer behind `POST /tokenize`, and injects failures on chosen request numbers. `async with` serves it
-from the caller's event loop (timing tests); `with` runs it on its own thread and loop (for the CLI).
+It streams one word per chunk with deterministic delays on its `clock` (first chunk after `ttft_s`, then
+every `itl_s`), so measured latencies are checkable; it fakes a block-aligned prefix cache
+(`cached_tokens`), a whitespace tokenizer behind `POST /tokenize`, and injects failures on chosen request
+numbers. It listens on 127.0.0.1: `async with` serves it from the caller's event loop, `with` runs it on its
+own thread and loop (for the CLI). `transport()` also serves it in-process, without sockets, to an
+`httpx.AsyncClient` on the same loop: with a `LoopClock` on a `VirtualTimeLoop` (tests/bench/virtual_time.py)
+the benchmark then measures exactly the delays the server sleeps.
 """
 
 from __future__ import annotations
@@ -11,10 +14,14 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 import zlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+import httpx
+
+from deepflow.bench.clock import SYSTEM_CLOCK, Clock
 
 CHAT_OVERHEAD = 3  # template tokens the fake adds per chat message
 
@@ -44,8 +51,9 @@ class Behavior:
 class FakeOpenAIServer:
     behavior: Behavior = field(default_factory=Behavior)
     port: int = 0
+    clock: Clock = SYSTEM_CLOCK  # sleeps the delays, stamps the arrivals
     requests: list[dict[str, Any]] = field(default_factory=list)  # bodies, in arrival order
-    arrivals: list[float] = field(default_factory=list)  # perf_counter() at arrival
+    arrivals: list[float] = field(default_factory=list)  # clock.now() at arrival
     in_flight: int = 0
     max_in_flight: int = 0
     tokenize_calls: int = 0
@@ -76,8 +84,12 @@ class FakeOpenAIServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
+    def transport(self) -> httpx.AsyncBaseTransport:
+        """An httpx transport that hands each request to this server in-process (same event loop)."""
+        return _InProcessTransport(self)
+
     async def __aenter__(self) -> FakeOpenAIServer:
-        """Serve from the caller's event loop: no second thread competing for the GIL, so tighter timings."""
+        """Serve from the caller's event loop (and, through `transport()`, in-process)."""
         self._server = await asyncio.start_server(self._on_connect, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -118,43 +130,30 @@ class FakeOpenAIServer:
                 key, _, value = header.decode().partition(":")
                 headers[key.strip().lower()] = value.strip()
             body = await reader.readexactly(int(headers.get("content-length", "0")))
-            await self._dispatch(method, path, headers, body, writer)
-
-    @staticmethod
-    async def _send_json(writer: asyncio.StreamWriter, status: int, obj: Any) -> None:
-        data = json.dumps(obj).encode()
-        head = f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
-        writer.write(head.encode() + data)
-        await writer.drain()
-
-    @staticmethod
-    async def _send_event(writer: asyncio.StreamWriter, obj: Any) -> None:
-        payload = f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
-        writer.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
-        await writer.drain()
+            await self._dispatch(method, path, headers, body, _SocketReply(writer))
 
     # -- endpoints -------------------------------------------------------------------------------------
 
     async def _dispatch(
-        self, method: str, path: str, headers: dict[str, str], raw: bytes, writer: asyncio.StreamWriter
+        self, method: str, path: str, headers: dict[str, str], raw: bytes, reply: _Reply
     ) -> None:
         b = self.behavior
         if b.api_key is not None and headers.get("authorization") != f"Bearer {b.api_key}":
-            await self._send_json(writer, 401, {"error": {"message": "bad api key"}})
+            await reply.json(401, {"error": {"message": "bad api key"}})
             return
         body = json.loads(raw or b"{}")
         if method == "POST" and path == "/tokenize" and b.tokenize:
             self.tokenize_calls += 1
-            await self._send_json(writer, 200, {"tokens": fake_token_ids(body["prompt"])})
+            await reply.json(200, {"tokens": fake_token_ids(body["prompt"])})
         elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             try:
-                await self._complete(path == "/v1/chat/completions", body, writer)
+                await self._complete(path == "/v1/chat/completions", body, reply)
             finally:
                 self.in_flight -= 1
         else:
-            await self._send_json(writer, 404, {"error": {"message": f"no route {path}"}})
+            await reply.json(404, {"error": {"message": f"no route {path}"}})
 
     def _prompt_ids(self, chat: bool, body: dict[str, Any]) -> list[int]:
         if not chat:
@@ -177,21 +176,19 @@ class FakeOpenAIServer:
             self._blocks.add(tuple(ids[:end]))
         return cached
 
-    async def _complete(self, chat: bool, body: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+    async def _complete(self, chat: bool, body: dict[str, Any], reply: _Reply) -> None:
         b = self.behavior
         self.requests.append(body)
-        self.arrivals.append(time.perf_counter())
+        self.arrivals.append(self.clock.now())
         number = len(self.requests)
         ids = self._prompt_ids(chat, body)
         cached = self._cached(ids)
         if b.fail_every and number % b.fail_every == 0:
-            await self._send_json(writer, 500, {"error": {"message": f"injected failure #{number}"}})
+            await reply.json(500, {"error": {"message": f"injected failure #{number}"}})
             return
         if b.hang_every and number % b.hang_every == 0:
-            await asyncio.sleep(3600)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-        )
+            await self.clock.sleep(3600)
+        await reply.start_stream()
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(text: str) -> dict[str, Any]:
@@ -199,15 +196,13 @@ class FakeOpenAIServer:
             return {"object": kind, "choices": [choice]}
 
         if chat:  # the role chunk carries no content: TTFT must not stop at it
-            await self._send_event(
-                writer, {"object": kind, "choices": [{"index": 0, "delta": {"role": "a"}}]}
-            )
+            await reply.event({"object": kind, "choices": [{"index": 0, "delta": {"role": "a"}}]})
         n = int(body.get("max_tokens") or 16)
         for i in range(n):
-            await asyncio.sleep(b.ttft_s if i == 0 else b.itl_s)
-            await self._send_event(writer, chunk(f" w{i}"))
+            await self.clock.sleep(b.ttft_s if i == 0 else b.itl_s)
+            await reply.event(chunk(f" w{i}"))
             if i == 0 and b.error_event_every and number % b.error_event_every == 0:
-                await self._send_event(writer, {"error": {"message": "injected stream error"}})
+                await reply.event({"error": {"message": "injected stream error"}})
                 break
         else:
             if b.report_usage:
@@ -218,7 +213,121 @@ class FakeOpenAIServer:
                 }
                 if b.report_cached:
                     usage["prompt_tokens_details"] = {"cached_tokens": cached}
-                await self._send_event(writer, {"object": kind, "choices": [], "usage": usage})
-            await self._send_event(writer, "[DONE]")
-        writer.write(b"0\r\n\r\n")
-        await writer.drain()
+                await reply.event({"object": kind, "choices": [], "usage": usage})
+            await reply.event("[DONE]")
+        await reply.end_stream()
+
+
+# -- how an answer leaves: HTTP/1.1 on a socket, or chunks handed to an in-process httpx transport -------
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
+
+
+class _Reply(Protocol):
+    async def json(self, status: int, obj: Any) -> None: ...
+    async def start_stream(self) -> None: ...  # 200, text/event-stream
+    async def event(self, obj: Any) -> None: ...  # one `data:` event (a str as is, else JSON)
+    async def end_stream(self) -> None: ...
+
+
+class _SocketReply:
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+
+    async def json(self, status: int, obj: Any) -> None:
+        data = json.dumps(obj).encode()
+        head = f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        self.writer.write(head.encode() + data)
+        await self.writer.drain()
+
+    async def start_stream(self) -> None:
+        self.writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+
+    async def event(self, obj: Any) -> None:
+        payload = _sse(obj)
+        self.writer.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+        await self.writer.drain()
+
+    async def end_stream(self) -> None:
+        self.writer.write(b"0\r\n\r\n")
+        await self.writer.drain()
+
+
+class _QueueReply:
+    """Status and headers through a future, body bytes through a queue (None: the end); no I/O at all."""
+
+    def __init__(self) -> None:
+        self.head: asyncio.Future[tuple[int, dict[str, str]]] = asyncio.get_running_loop().create_future()
+        self.body: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+
+    async def json(self, status: int, obj: Any) -> None:
+        self.head.set_result((status, {"content-type": "application/json"}))
+        self.body.put_nowait(json.dumps(obj).encode())
+        self.body.put_nowait(None)
+
+    async def start_stream(self) -> None:
+        self.head.set_result((200, {"content-type": "text/event-stream"}))
+
+    async def event(self, obj: Any) -> None:
+        self.body.put_nowait(_sse(obj))
+
+    async def end_stream(self) -> None:
+        self.body.put_nowait(None)
+
+    def finish(self, error: Exception | None = None, cancelled: bool = False) -> None:
+        """The handler returned, raised `error` or was cancelled: whoever waits on head or body wakes up."""
+        if not self.head.done():
+            if cancelled:
+                self.head.cancel()
+            else:
+                self.head.set_exception(error or RuntimeError("the fake server sent no answer"))
+        elif error is not None:
+            self.body.put_nowait(error)
+        self.body.put_nowait(None)
+
+
+class _InProcessStream(httpx.AsyncByteStream):
+    def __init__(self, reply: _QueueReply, task: asyncio.Task[None]) -> None:
+        self.reply, self.task = reply, task
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while (item := await self.reply.body.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item  # a bug in the fake: fail loudly, not as a counted request error
+            yield item
+
+    async def aclose(self) -> None:
+        self.task.cancel()  # the client hung up (done, error event, timeout): like a dropped connection
+
+
+class _InProcessTransport(httpx.AsyncBaseTransport):
+    def __init__(self, server: FakeOpenAIServer) -> None:
+        self.server = server
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = await request.aread()
+        headers = {key.lower(): value for key, value in request.headers.items()}
+        reply = _QueueReply()
+
+        async def handle() -> None:
+            try:
+                await self.server._dispatch(request.method, request.url.path, headers, body, reply)
+            except asyncio.CancelledError:
+                reply.finish(cancelled=True)
+                raise
+            except Exception as exc:  # handed to the client, which raises it
+                reply.finish(exc)
+            else:
+                reply.finish()
+
+        task = asyncio.create_task(handle())
+        try:
+            status, response_headers = await reply.head
+        except BaseException:
+            task.cancel()  # e.g. the client's timeout while the server hangs before answering
+            raise
+        return httpx.Response(status, headers=response_headers, stream=_InProcessStream(reply, task))
