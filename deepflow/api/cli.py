@@ -210,12 +210,18 @@ def engine_config(args: argparse.Namespace, model: str | None) -> Any:
     return config
 
 
-def api_limits(args: argparse.Namespace) -> APILimits:
-    """The HTTP edge's limits the flags describe (they apply with --config too)."""
+def api_limits(args: argparse.Namespace, base: APILimits | None = None) -> APILimits:
+    """The HTTP edge's limits: each flag that differs from its default wins over `base` (the --config
+    file's `api:` section), so a file's limits hold unless the command line says otherwise."""
+    base = base or APILimits()
+
+    def pick(flag: int, default: int, configured: int) -> int:
+        return configured if flag == default else flag
+
     return APILimits(
-        max_body_bytes=args.max_body_size,
-        max_sequences=args.max_sequences_per_request,
-        metrics_public=args.metrics_public,
+        max_body_bytes=pick(args.max_body_size, DEFAULT_MAX_BODY_BYTES, base.max_body_bytes),
+        max_sequences=pick(args.max_sequences_per_request, DEFAULT_MAX_SEQUENCES, base.max_sequences),
+        metrics_public=base.metrics_public or args.metrics_public,
     )
 
 
@@ -227,7 +233,7 @@ def build_spec(args: argparse.Namespace) -> Any:
     if args.config is not None:
         spec = load_config(args.config, parse_size)
         spec.log_level = args.log_level
-        spec.api = api_limits(args)
+        spec.api = api_limits(args, spec.api)
         spec.validate()
         return spec
     models = args.model or [None]

@@ -132,11 +132,21 @@ def load_config(path: str | os.PathLike[str], parse_size: Any) -> ClusterSpec:
                 policy=str(entry.get("policy", "combined")),
             )
         )
-    extra = sorted(
-        set(raw) - {"host", "port", "job_executors", "tokenizer_workers", "shutdown_timeout", "log_level"}
-    )
+    top = {"host", "port", "job_executors", "tokenizer_workers", "shutdown_timeout", "log_level", "api"}
+    extra = sorted(set(raw) - top)
     if extra:
         raise ValueError(f"{path}: unknown keys {extra}")
+    # api: {max_body_bytes: 4MiB, max_sequences: 256, metrics_public: false} (the HTTP edge's limits)
+    api = dict(raw.pop("api", None) or {})
+    unknown_api = sorted(set(api) - set(APILimits.__struct_fields__))
+    if unknown_api:
+        raise ValueError(f"{path}: api has unknown settings {unknown_api}")
+    if isinstance(api.get("max_body_bytes"), str):
+        api["max_body_bytes"] = parse_size(api["max_body_bytes"])
+    try:
+        raw["api"] = msgspec.convert(api, APILimits)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"{path}: api: {exc}") from None
     spec = ClusterSpec(models=models, **raw)
     spec.validate()
     return spec

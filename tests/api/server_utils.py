@@ -121,4 +121,4 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: flo
 
 
 def get_metrics(url: str) -> str:
-    return httpx.get(f"{url}/metrics", timeout=10).text
+    return httpx.get(f"{url}/metrics", headers=AUTH, timeout=10).text  # behind the key (no --metrics-public)

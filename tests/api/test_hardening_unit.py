@@ -246,6 +246,23 @@ def test_limits_reach_the_spec_and_the_app(engine: FakeEngine) -> None:
     assert error_of(client.post("/v1/completions", json=completion(n=4)), 400)["param"] == "n"
 
 
+def test_limits_from_the_cluster_yaml_and_flags_over_them(tmp_path: Path) -> None:
+    from deepflow.api.cli import build_spec
+
+    config = tmp_path / "cluster.yaml"
+    config.write_text(
+        "models: [{name: m, engine: {model: /models/m}}]\n"
+        "api: {max_body_bytes: 2KiB, max_sequences: 3, metrics_public: true}\n"
+    )
+    spec = build_spec(build_parser().parse_args(["serve", "--config", str(config)]))
+    assert spec.api == APILimits(max_body_bytes=2048, max_sequences=3, metrics_public=True)
+    argv = ["serve", "--config", str(config), "--max-sequences-per-request", "7"]
+    assert build_spec(build_parser().parse_args(argv)).api.max_sequences == 7  # a flag given wins
+    config.write_text("models: [{name: m, engine: {model: /models/m}}]\napi: {max_body: 1}\n")
+    with pytest.raises(ValueError, match="unknown settings"):
+        build_spec(build_parser().parse_args(["serve", "--config", str(config)]))
+
+
 # ---- 3. the key on every route but /health ----------------------------------------------------------------
 @pytest.mark.parametrize("metrics_public", [False, True])
 def test_every_route_but_health_needs_the_key(engine: FakeEngine, metrics_public: bool) -> None:

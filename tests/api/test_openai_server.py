@@ -158,7 +158,7 @@ def test_n2_completions_and_streamed_chat(client: OpenAI, server: ServerProcess)
 
 
 def _tokens(server: ServerProcess, prompt: str) -> list[int]:
-    return httpx.post(f"{server.url}/tokenize", json={"prompt": prompt}).json()["tokens"]
+    return httpx.post(f"{server.url}/tokenize", json={"prompt": prompt}, headers=AUTH).json()["tokens"]
 
 
 def test_stop_string(client: OpenAI, greedy: Any, server: ServerProcess) -> None:
@@ -439,7 +439,17 @@ def test_auth(server: ServerProcess) -> None:
     with pytest.raises(openai.AuthenticationError):
         OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
     assert httpx.get(f"{server.url}/v1/models", headers=AUTH).status_code == 200
-    assert httpx.get(f"{server.url}/health").status_code == 200  # only /v1/* is protected
+    # Every route but /health needs the key: tokenizing costs CPU, metrics tell of other tenants' traffic.
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    for method, path, body in (
+        ("POST", "/tokenize", {"prompt": "hi"}),
+        ("POST", "/detokenize", {"tokens": [1]}),
+        ("GET", "/metrics", None),
+        ("GET", "/version", None),
+        ("GET", "/openapi.json", None),
+    ):
+        response = httpx.request(method, f"{server.url}{path}", json=body)
+        assert_error(response, 401, code="invalid_api_key")
 
 
 def test_unknown_route_and_method(http: httpx.Client) -> None:
@@ -465,11 +475,12 @@ def test_tokenize_and_detokenize(http: httpx.Client, greedy: Any) -> None:
 def test_health_and_version(server: ServerProcess) -> None:
     health = httpx.get(f"{server.url}/health")
     assert health.status_code == 200 and health.json() == {"status": "ok"}
-    assert httpx.get(f"{server.url}/version").json() == {"version": deepflow.__version__}
+    version = httpx.get(f"{server.url}/version", headers=AUTH)
+    assert version.json() == {"version": deepflow.__version__}
 
 
 def test_metrics(server: ServerProcess, greedy: Any) -> None:
-    response = httpx.get(f"{server.url}/metrics")
+    response = httpx.get(f"{server.url}/metrics", headers=AUTH)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     text = response.text
     for name in (
