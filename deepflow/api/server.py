@@ -170,6 +170,12 @@ def _document_bodies(app: FastAPI) -> None:
             }
             operation["responses"]["400"] = {"description": "Invalid request (an OpenAI error body)"}
             operation["responses"]["413"] = {"description": "Body over the size limit (an OpenAI error body)"}
+        for operations in schema["paths"].values():  # bad headers or path parameters are 400s too
+            for operation in operations.values():
+                if operation["responses"].pop("422", None) is not None:
+                    operation["responses"]["400"] = {"description": "Invalid request (an OpenAI error body)"}
+        schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+        schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
         app.openapi_schema = schema
         return schema
 

@@ -59,13 +59,15 @@ def check_answer(status: int, content: bytes, what: str) -> None:
 
 def test_schema_lists_every_post_body(app: FastAPI) -> None:
     """Without the bodies in the schema the fuzzer (and client generators) could only send empty POSTs."""
-    paths = TestClient(app).get("/openapi.json").json()["paths"]
+    document = TestClient(app).get("/openapi.json").json()
+    paths = document["paths"]
+    assert "422" not in json.dumps(document)  # FastAPI's validation answer: ours is a 400 everywhere
     posts = {path for path, ops in paths.items() if "post" in ops}
     assert posts == POST_ROUTES
     for path in BODIES:
         body = paths[path]["post"]["requestBody"]
         assert body["required"] is True and "$ref" in body["content"]["application/json"]["schema"], path
-        assert "422" not in paths[path]["post"]["responses"], path
+        assert {"400", "413"} <= set(paths[path]["post"]["responses"]), path
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
