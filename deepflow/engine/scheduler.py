@@ -70,7 +70,7 @@ class Scheduler:
         self.clock = clock
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []  # kept sorted by (priority, arrival)
-        self.running: list[Request] = []  # admission order
+        self.running: list[Request] = []  # by (priority, arrival) from each step on; admission order between
         self._forget: list[str] = []  # executor state to drop at the next step
         self._preempted: list[str] = []  # executor KV state to drop at the next step
         self.num_preemptions_total = 0
