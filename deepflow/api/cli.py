@@ -89,6 +89,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the ready line shows it)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--device", default="cpu", help="torch device for the engine: cpu, cuda, cuda:1")
+    p.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "kernels", "torch"],
+        help="auto: FlowServe's C++ kernels on a CPU with AVX512-BF16 (DEEPFLOW_KERNELS=0 turns them off), "
+        "else torch ops",
+    )
     p.add_argument("--max-num-seqs", type=_positive_int, default=128)
     p.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048)
     p.add_argument("--max-model-len", type=_positive_int, default=None, help="default: the model's, capped")
@@ -202,6 +210,8 @@ def engine_config(args: argparse.Namespace, model: str | None) -> Any:
         async_scheduling=not args.no_async_scheduling,
         enable_prefix_caching=not args.no_prefix_caching,
         max_context_tokens=args.max_context_tokens,
+        device=args.device,
+        attention_backend=args.attention_backend,
     )
     if args.kv_cache_memory is not None:
         config.kv_cache_memory = args.kv_cache_memory

@@ -28,6 +28,8 @@ class EngineConfig:
     num_host_blocks: int | None = None  # overrides host_cache_memory (tests)
     max_context_tokens: int | None = None  # cap on pinned context tokens; None: half the KV pool
     kv_events: bool = False  # publish cache-residency events with each step's outputs (for job executors)
+    device: str = "cpu"  # where weights, KV and every step live: "cpu", "cuda", "cuda:1" (torch attention)
+    attention_backend: str = "auto"  # engine/attention: auto (kernels on a CPU that has them), kernels, torch
 
     def torch_dtype(self) -> torch.dtype:
         try:

@@ -38,6 +38,8 @@ class EngineCore:
             config.num_threads,
             config.host_cache_memory,
             config.num_host_blocks,
+            config.device,
+            config.attention_backend,
         ).result()
         args = self.runner.model.args
         pool_tokens = self.runner.num_blocks * config.block_size

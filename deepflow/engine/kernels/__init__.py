@@ -68,5 +68,6 @@ def load() -> bool:
     return True
 
 
-def available() -> bool:
-    return load()
+def available(*ops: str) -> bool:
+    """True when the library is loaded and has every op named (`torch.ops.deepflow.<op>`)."""
+    return load() and all(hasattr(torch.ops.deepflow, op) for op in ops)

@@ -1,8 +1,9 @@
 """Llama-family decoder (Llama, Mistral, Qwen2) over a paged KV cache, in plain PyTorch.
 
 One file, gpt-fast style: `ModelArgs` is read from an HF `config.json`, weights are read with safetensors'
-mmap and fused at load time (q/k/v into one projection, gate/up into one), and attention reads and writes
-the paged KV cache through the `AttentionMetadata` the model runner builds once per step.
+mmap and fused at load time (q/k/v into one projection, gate/up into one). Attention is not here: each layer
+hands its q/k/v to the attention backend (engine/attention/) chosen at load, which writes and reads the paged
+KV cache through the `AttentionMetadata` the model runner builds once per step.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
+
+from deepflow.engine.attention import AttentionBackend, AttentionMetadata, KVCache, select_backend
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -81,32 +84,6 @@ class ModelArgs:
         return cls.from_hf_config(json.loads((Path(path) / "config.json").read_text()))
 
 
-@dataclass
-class AttentionMetadata:
-    """How this step's flat token batch maps onto sequences and KV slots (built once, used by every layer).
-
-    Tokens are laid out decodes first (one token each), then prefill chunks. `slot_mapping[t]` is where token
-    t's K/V are written. Decodes attend over the blocks of `decode_block_table` [D, W] (padded with block 0)
-    with an additive `decode_mask` [1, D, 1, W * block_size]; prefill chunk i covers tokens
-    `prefill_ranges[i]` and attends over the first `prefill_kv_lens[i]` slots of `prefill_blocks[i]` (None
-    when the chunk is the whole sequence so far: its own K/V are used directly with a causal mask).
-    """
-
-    slot_mapping: torch.Tensor
-    num_decodes: int
-    decode_block_table: torch.Tensor | None
-    decode_mask: torch.Tensor | None
-    # Where decodes' K and V blocks are gathered, reused by every layer and step (see ModelRunner).
-    decode_gather_buffers: tuple[torch.Tensor, torch.Tensor] | None
-    # Leading blocks every decode shares (a cached prefix): attended once for the whole batch (cascade
-    # attention), so the table and mask above cover only what follows them.
-    decode_shared_blocks: torch.Tensor | None
-    prefill_ranges: list[tuple[int, int]]
-    prefill_blocks: list[torch.Tensor | None]
-    prefill_kv_lens: list[int]
-    prefill_masks: list[torch.Tensor | None]
-
-
 def _rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     dim = args.head_dim
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -144,14 +121,6 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
         self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -171,103 +140,28 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """The q/k/v and output projections; what happens between them is the attention backend's."""
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.num_heads = args.num_heads
         self.num_kv_heads = args.num_kv_heads
         self.head_dim = args.head_dim
-        self.group = args.num_heads // args.num_kv_heads
         self.q_size = args.num_heads * args.head_dim
         self.kv_size = args.num_kv_heads * args.head_dim
-        self.scale = args.head_dim**-0.5
         self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
+        self, x: torch.Tensor, backend: AttentionBackend, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        # Rotate q and k heads together: one set of rope ops per layer instead of two.
         qk = qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = qk * cos + _rotate_half(qk) * sin
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        # Caches are [KVH, blocks, block_size, hd]: head-major, so K/V gathered by whole blocks (a few KB of
-        # contiguous memory each) line up per (head, sequence) for batched matmuls with no transposing copy.
-        k_cache, v_cache = kv_cache
-        kvh, hd = self.num_kv_heads, self.head_dim
-        k_cache.view(kvh, -1, hd).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-        v_cache.view(kvh, -1, hd).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-
-        out = torch.empty_like(q)
-        d = meta.num_decodes
-        if d:
-            out[:d] = self._decode(q[:d], k_cache, v_cache, meta)
-        for (start, end), blocks, kv_len, mask in zip(
-            meta.prefill_ranges, meta.prefill_blocks, meta.prefill_kv_lens, meta.prefill_masks, strict=True
-        ):
-            if blocks is None:
-                keys, values = k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)
-            else:
-                keys = k_cache.index_select(1, blocks).view(kvh, -1, hd)[:, :kv_len]
-                values = v_cache.index_select(1, blocks).view(kvh, -1, hd)[:, :kv_len]
-            out[start:end] = self._prefill(q[start:end], keys, values, mask)
-        return self.o_proj(out.view(num_tokens, self.q_size))
-
-    def _decode(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        # One query token per sequence: the heads sharing a KV head form a [group, head_dim] query block,
-        # so batched matmuls over (KV head, sequence) serve GQA without repeating K/V.
-        assert meta.decode_block_table is not None and meta.decode_mask is not None
-        d = meta.decode_block_table.shape[0]
-        lmax = meta.decode_mask.shape[-1]
-        kvh, group, hd = self.num_kv_heads, self.group, self.head_dim
-        flat = meta.decode_block_table.view(-1)
-        assert meta.decode_gather_buffers is not None
-        k_buf, v_buf = meta.decode_gather_buffers
-        keys = torch.index_select(k_cache, 1, flat, out=k_buf).view(kvh * d, lmax, hd)
-        values = torch.index_select(v_cache, 1, flat, out=v_buf).view(kvh * d, lmax, hd)
-        qg = q.view(d, kvh, group, hd).transpose(0, 1).reshape(kvh * d, group, hd)
-        scores = torch.bmm(qg, keys.transpose(1, 2)).float().view(kvh, d, group, lmax)
-        scores = scores * self.scale + meta.decode_mask
-        shared = meta.decode_shared_blocks
-        if shared is None:
-            probs = torch.softmax(scores, dim=-1).to(values.dtype).view(kvh * d, group, lmax)
-            out = torch.bmm(probs, values).view(kvh, d, group, hd)
-            return out.transpose(0, 1).reshape(d, self.num_heads, hd)
-        # Cascade: the shared prefix's K/V are read once for all d sequences' queries; one softmax spans
-        # both parts, so the result is the same attention over prefix + suffix.
-        shared_keys = k_cache.index_select(1, shared).view(kvh, -1, hd)
-        shared_values = v_cache.index_select(1, shared).view(kvh, -1, hd)
-        ls = shared_keys.shape[1]
-        qs = qg.view(kvh, d * group, hd)
-        shared_scores = torch.bmm(qs, shared_keys.transpose(1, 2)).float().view(kvh, d, group, ls)
-        probs = torch.softmax(torch.cat([shared_scores * self.scale, scores], dim=-1), dim=-1)
-        probs = probs.to(values.dtype)
-        out = torch.bmm(probs[..., :ls].reshape(kvh, d * group, ls), shared_values).view(kvh, d, group, hd)
-        out += torch.bmm(probs[..., ls:].reshape(kvh * d, group, lmax), values).view(kvh, d, group, hd)
-        return out.transpose(0, 1).reshape(d, self.num_heads, hd)
-
-    def _prefill(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        # q [T, H, hd] -> [1, H, T, hd]; keys/values come as [KVH, L, hd]. SDPA handles GQA and the causal
-        # mask (offset by the cached context).
-        qh = q.transpose(0, 1).unsqueeze(0)
-        kh = keys.unsqueeze(0)
-        vh = values.unsqueeze(0)
-        if mask is None:
-            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
-        else:
-            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        return o.squeeze(0).transpose(0, 1)
+        q, k = backend.store_kv(qk, v, kv_cache, meta)
+        out = backend.forward(q, k, v, kv_cache, meta)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
 class PackedLinear(nn.Module):
@@ -297,8 +191,8 @@ def pack_linears(model: nn.Module) -> None:
                 setattr(module, name, PackedLinear(child))
 
 
-def can_pack(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
 
 class MLP(nn.Module):
@@ -321,8 +215,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, kv_cache, meta):  # type: ignore[no-untyped-def]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+    def forward(self, x, backend, kv_cache, meta):  # type: ignore[no-untyped-def]
+        x = x + self.self_attn(self.input_layernorm(x), backend, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -338,20 +232,28 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(args, dtype)
+        self.attention: AttentionBackend | None = None  # set by load_model, once the rope tables exist
+
+    def set_attention_backend(self, name: str) -> None:
+        backend = select_backend(name, self.rotary.cos.device)
+        args = self.args
+        self.attention = backend(
+            args.num_heads, args.num_kv_heads, args.head_dim, self.rotary.cos, self.rotary.sin
+        )
 
     @torch.inference_mode()
     def forward(
         self,
         input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[KVCache],
         meta: AttentionMetadata,
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
+        assert self.attention is not None, "load_model sets the attention backend"
+        self.attention.prepare(meta)
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=False):
-            x = layer(x, cos, sin, kv_cache, meta)
+            x = layer(x, self.attention, kv_cache, meta)
         # Only the positions that sample pay for the final norm and the LM head.
         x = self.norm(x[logits_indices])
         return self.lm_head(x).float()
@@ -368,8 +270,17 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_model(folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> LlamaModel:
-    """Build the model from an HF folder, reading tensors through safetensors' mmap and fusing projections."""
+def load_model(
+    folder: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    attention: str = "auto",
+) -> LlamaModel:
+    """Build the model from an HF folder, reading tensors through safetensors' mmap and fusing projections.
+
+    `attention` names the backend (engine/attention: auto, kernels, torch); weights land on `device`.
+    """
+    device = torch.device(device)
     folder = Path(folder)
     args = ModelArgs.from_folder(folder)
     with torch.device("meta"):
@@ -384,7 +295,7 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Llama
 
     def take(name: str) -> torch.Tensor:
         try:
-            return tensors.pop(name).to(dtype)
+            return tensors.pop(name).to(device=device, dtype=dtype)
         except KeyError:
             raise ValueError(f"weight {name!r} missing from {folder}") from None
 
@@ -409,12 +320,14 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Llama
     if args.tie_word_embeddings or lm_head is None:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     else:
-        state["lm_head.weight"] = lm_head.to(dtype)
+        state["lm_head.weight"] = lm_head.to(device=device, dtype=dtype)
     leftover = [n for n in tensors if not n.startswith("lm_head")]
     if leftover:
         raise ValueError(f"unexpected weights in {folder}: {leftover[:5]}")
     model.load_state_dict(state, strict=False, assign=True)
-    model.rotary = RotaryEmbedding(args, dtype)
-    if can_pack(dtype):
+    with torch.device(device):
+        model.rotary = RotaryEmbedding(args, dtype)
+    if can_pack(dtype, device):
         pack_linears(model)
+    model.set_attention_backend(attention)
     return model.eval()
