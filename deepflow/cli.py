@@ -13,7 +13,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="local HF model folder (default: the embedded SmolLM2)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
-    parser.add_argument("--attention-backend", default="auto", choices=["auto", "kernels", "torch"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "kernels", "torch"])
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument(
@@ -43,7 +43,7 @@ async def _stream(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens,
             async_scheduling=not args.no_async_scheduling,
             device=args.device,
-            attention_backend=args.attention_backend,
+            backend=args.backend,
         ),
     )
     try:

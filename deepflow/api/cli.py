@@ -91,11 +91,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--device", default="cpu", help="torch device for the engine: cpu, cuda, cuda:1")
     p.add_argument(
-        "--attention-backend",
+        "--backend",
         default="auto",
         choices=["auto", "kernels", "torch"],
-        help="auto: FlowServe's C++ kernels on a CPU with AVX512-BF16 (DEEPFLOW_KERNELS=0 turns them off), "
-        "else torch ops",
+        help="compute path. kernels: FlowServe's C++ ops (CPU with AVX512-BF16); torch: plain torch ops "
+        "(any device); auto (default): kernels where they run (DEEPFLOW_KERNELS=0 turns them off)",
     )
     p.add_argument("--max-num-seqs", type=_positive_int, default=128)
     p.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048)
@@ -211,7 +211,7 @@ def engine_config(args: argparse.Namespace, model: str | None) -> Any:
         enable_prefix_caching=not args.no_prefix_caching,
         max_context_tokens=args.max_context_tokens,
         device=args.device,
-        attention_backend=args.attention_backend,
+        backend=args.backend,
     )
     if args.kv_cache_memory is not None:
         config.kv_cache_memory = args.kv_cache_memory

@@ -29,7 +29,9 @@ class EngineConfig:
     max_context_tokens: int | None = None  # cap on pinned context tokens; None: half the KV pool
     kv_events: bool = False  # publish cache-residency events with each step's outputs (for job executors)
     device: str = "cpu"  # where weights, KV and every step live: "cpu", "cuda", "cuda:1" (torch attention)
-    attention_backend: str = "auto"  # engine/attention: auto (kernels on a CPU that has them), kernels, torch
+    # The compute path: "kernels" (FlowServe's C++ ops: paged attention, fused norm/rope/SiLU, small-batch
+    # GEMV; CPU with AVX512-BF16), "torch" (plain torch ops, any device), "auto" (kernels where they run).
+    backend: str = "auto"
 
     def torch_dtype(self) -> torch.dtype:
         try:

@@ -39,7 +39,7 @@ class EngineCore:
             config.host_cache_memory,
             config.num_host_blocks,
             config.device,
-            config.attention_backend,
+            config.backend,
         ).result()
         args = self.runner.model.args
         pool_tokens = self.runner.num_blocks * config.block_size

@@ -60,12 +60,12 @@ class ModelRunner:
         host_cache_memory: int = 0,
         num_host_blocks: int | None = None,
         device: str = "cpu",
-        attention: str = "auto",
+        backend: str = "auto",
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device)
-        self.model = load_model(model_path, dtype, self.device, attention)
+        self.model = load_model(model_path, dtype, self.device, backend)
         self.block_size = block_size
         self.num_blocks = num_blocks or max(kv_cache_memory // kv_bytes_per_block(self.model, block_size), 1)
         args = self.model.args

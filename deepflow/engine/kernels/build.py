@@ -17,8 +17,19 @@ CSRC = HERE / "csrc"
 BUILD = HERE / "_build"
 NAME = "deepflow_kernels"
 
-CFLAGS = ["-O3", "-march=native", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma",
-          "-fopenmp", "-ffp-contract=off", "-DNDEBUG", "-std=c++17"]
+CFLAGS = [
+    "-O3",
+    "-march=native",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512bf16",
+    "-mfma",
+    "-fopenmp",
+    "-ffp-contract=off",
+    "-DNDEBUG",
+    "-std=c++17",
+]
 
 
 def build(verbose: bool = False) -> Path:

@@ -19,9 +19,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from deepflow.engine import kernels
 from deepflow.engine.attention import AttentionBackend, AttentionMetadata, KVCache, select_backend
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# The kernels' small fused ops the layers call in bf16 (engine/kernels/csrc/fused.cpp).
+FUSED_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul")
 
 
 @dataclass(frozen=True)
@@ -123,20 +126,38 @@ class RotaryEmbedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm that can take the residual stream with it (vLLM's fused add): `forward(x, residual)` returns
+    (norm(x + residual), x + residual), one pass over the row instead of an add, a read and a norm."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.kernels = False  # FlowServe's fused C++ ops (set by LlamaModel.use_kernels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kernels:
+            if residual is None:
+                out = torch.empty_like(x)
+                torch.ops.deepflow.rms_norm(out, x, self.weight, self.eps)
+                return out, x
+            # In place: x becomes the normed output, residual the new residual stream.
+            torch.ops.deepflow.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return x, residual
+        if residual is not None:
+            x = residual = residual + x  # HF's `residual + hidden_states`, in the model dtype
+        else:
+            residual = x
         if x.dtype != torch.float32:
             # One fused kernel (it normalizes in fp32 internally) instead of seven small ops per call.
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps), residual
         # HF order of operations (normalize in fp32, cast, then scale) so fp32 results match bit for bit.
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * x32.to(dtype), residual
 
 
 class Attention(nn.Module):
@@ -201,9 +222,15 @@ class MLP(nn.Module):
         self.intermediate_size = args.intermediate_size
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.kernels = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.kernels:
+            act = torch.empty(x.shape[0], self.intermediate_size, dtype=x.dtype)
+            torch.ops.deepflow.silu_and_mul(act, gate_up)
+            return self.down_proj(act)
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -215,9 +242,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, backend, kv_cache, meta):  # type: ignore[no-untyped-def]
-        x = x + self.self_attn(self.input_layernorm(x), backend, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, backend, kv_cache, meta):  # type: ignore[no-untyped-def]
+        # The residual stream travels beside x: each norm adds the previous block's output into it.
+        x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, backend, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -234,12 +264,18 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(args, dtype)
         self.attention: AttentionBackend | None = None  # set by load_model, once the rope tables exist
 
-    def set_attention_backend(self, name: str) -> None:
+    def set_backend(self, name: str) -> None:
+        """`kernels`: FlowServe's C++ ops for attention and, in bf16, the fused small ops; `torch`: torch ops
+        throughout (any device, bit-exact with HF in fp32); `auto`: kernels where they run."""
         backend = select_backend(name, self.rotary.cos.device)
         args = self.args
         self.attention = backend(
             args.num_heads, args.num_kv_heads, args.head_dim, self.rotary.cos, self.rotary.sin
         )
+        fused = backend.name == "kernels" and self.dtype == torch.bfloat16 and kernels.available(*FUSED_OPS)
+        for module in self.modules():
+            if isinstance(module, RMSNorm | MLP):
+                module.kernels = fused
 
     @torch.inference_mode()
     def forward(
@@ -252,10 +288,11 @@ class LlamaModel(nn.Module):
         assert self.attention is not None, "load_model sets the attention backend"
         self.attention.prepare(meta)
         x = self.embed_tokens(input_ids)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=False):
-            x = layer(x, self.attention, kv_cache, meta)
+            x, residual = layer(x, residual, self.attention, kv_cache, meta)
         # Only the positions that sample pay for the final norm and the LM head.
-        x = self.norm(x[logits_indices])
+        x, _ = self.norm(x[logits_indices], residual[logits_indices])
         return self.lm_head(x).float()
 
 
@@ -274,11 +311,12 @@ def load_model(
     folder: str | Path,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
-    attention: str = "auto",
+    backend: str = "auto",
 ) -> LlamaModel:
     """Build the model from an HF folder, reading tensors through safetensors' mmap and fusing projections.
 
-    `attention` names the backend (engine/attention: auto, kernels, torch); weights land on `device`.
+    `backend` names the compute path (auto, kernels, torch: see `LlamaModel.set_backend`); weights land on
+    `device`.
     """
     device = torch.device(device)
     folder = Path(folder)
@@ -329,5 +367,5 @@ def load_model(
         model.rotary = RotaryEmbedding(args, dtype)
     if can_pack(dtype, device):
         pack_linears(model)
-    model.set_attention_backend(attention)
+    model.set_backend(backend)
     return model.eval()
