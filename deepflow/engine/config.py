@@ -23,6 +23,11 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     async_scheduling: bool = True
     num_threads: int | None = None  # torch intra-op threads; None: torch's default (all cores)
+    # Pin the model thread's OpenMP team, thread i to CPU cpu_ids[i] (vLLM's best CPU setting), with the
+    # kernels' init_cpu_threads. None: the first num_threads CPUs this process may run on. The cluster
+    # manager gives each TE its own CPUs.
+    pin_threads: bool = True
+    cpu_ids: list[int] | None = None
     enable_prefix_caching: bool = True  # implicit radix prefix cache; explicit contexts work either way
     host_cache_memory: int = 1 << 30  # bytes for the host tier of evicted KV blocks; 0: evictions drop
     num_host_blocks: int | None = None  # overrides host_cache_memory (tests)

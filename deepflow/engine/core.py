@@ -40,6 +40,7 @@ class EngineCore:
             config.num_host_blocks,
             config.device,
             config.backend,
+            config.cpu_ids if config.pin_threads else [],
         ).result()
         args = self.runner.model.args
         pool_tokens = self.runner.num_blocks * config.block_size

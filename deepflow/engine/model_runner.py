@@ -8,6 +8,7 @@ before step N's sampled ids are known.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,10 +62,12 @@ class ModelRunner:
         num_host_blocks: int | None = None,
         device: str = "cpu",
         backend: str = "auto",
+        cpu_ids: list[int] | None = None,
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device)
+        self.pinned_cpus = self._pin_threads(cpu_ids) if self.device.type == "cpu" else []
         self.model = load_model(model_path, dtype, self.device, backend)
         self.block_size = block_size
         self.num_blocks = num_blocks or max(kv_cache_memory // kv_bytes_per_block(self.model, block_size), 1)
@@ -98,6 +101,22 @@ class ModelRunner:
         self.cascade_min_saved_blocks = _CASCADE_MIN_SAVED_BLOCKS
         self.requests: dict[str, CachedRequestState] = {}
         self._parked: dict[str, RequestSamplingState] = {}  # preempted: KV gone, sampling state kept
+
+    @staticmethod
+    def _pin_threads(cpu_ids: list[int] | None) -> list[int]:
+        """Pin this (the model) thread's OpenMP team one thread per CPU; [] leaves it unpinned. Runs on the
+        model thread: OpenMP keeps a team per calling thread, and this is the one every step uses."""
+        from deepflow.engine import kernels
+
+        if cpu_ids == [] or not kernels.available("init_cpu_threads"):
+            return []
+        allowed = sorted(os.sched_getaffinity(0))
+        ids = list(cpu_ids) if cpu_ids is not None else allowed[: torch.get_num_threads()]
+        outside = sorted(set(ids) - set(allowed))
+        if outside:
+            raise ValueError(f"cpu_ids {outside} are not CPUs this process may run on ({allowed})")
+        torch.ops.deepflow.init_cpu_threads(ids)
+        return ids
 
     # ---- state diffs -------------------------------------------------------------------------------
     def _apply(self, out: SchedulerOutput) -> None:

@@ -98,6 +98,14 @@ def engine_threads(spec: ClusterSpec) -> int:
     return max(1, (os.cpu_count() or 1) // spec.total_tes)
 
 
+def te_cpus(slot: int, threads: int, allowed: list[int]) -> list[int]:
+    """The CPUs TE slot `slot` pins its `threads` OpenMP threads to: consecutive runs of `allowed`, so TEs
+    in different slots share no core while there are cores enough (then they wrap around)."""
+    if not allowed:
+        return []
+    return [allowed[(slot * threads + i) % len(allowed)] for i in range(threads)]
+
+
 def load_config(path: str | os.PathLike[str], parse_size: Any) -> ClusterSpec:
     """A ClusterSpec from a YAML file; `parse_size` turns '512MiB' into bytes."""
     import yaml

@@ -103,3 +103,14 @@ def test_two_job_executors_by_default(smollm2_dir: Path, tmp_path: Path) -> None
     assert load_config(config, parse_size).job_executors >= 2
     assert build_spec(build_parser().parse_args(["serve", "--model", str(smollm2_dir), "--jes", "1"])
                       ).job_executors == 1  # fmt: skip
+
+
+def test_te_cpus_give_each_slot_its_own_cores_then_wrap() -> None:
+    from deepflow.platform.spec import te_cpus
+
+    assert te_cpus(0, 1, [0, 1]) == [0]
+    assert te_cpus(1, 1, [0, 1]) == [1]
+    assert te_cpus(0, 2, [4, 5, 6, 7]) == [4, 5]
+    assert te_cpus(1, 2, [4, 5, 6, 7]) == [6, 7]
+    assert te_cpus(2, 1, [0, 1]) == [0]  # more TEs than cores: they share, round robin
+    assert te_cpus(0, 3, []) == []

@@ -27,7 +27,7 @@ from deepflow.platform import messages as m
 from deepflow.platform.cluster.drain import DrainCandidate, choose_drain
 from deepflow.platform.cluster.registry import Registry, TERow, TEStatus
 from deepflow.platform.procs import cmdline, kill_quietly, pid_alive
-from deepflow.platform.spec import ClusterSpec, ModelSpec, engine_threads
+from deepflow.platform.spec import ClusterSpec, ModelSpec, engine_threads, te_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class _TE:
     restart_at: float = 0.0
     failures: int = 0  # consecutive deaths soon after start: the restart backoff
     stop_sent: bool = False  # draining: told to stop
+    cpu_slot: int = -1  # which run of CPUs its threads are pinned to (spec.te_cpus); -1 until spawned
 
     def alive(self) -> bool:
         if self.process is not None:
@@ -207,9 +208,14 @@ class ClusterManager:
     def _spawn(self, te: _TE) -> None:
         incarnation = te.row.incarnation + 1
         address = f"ipc://{self.run_dir}/{te.row.te_id}.{incarnation}.sock"
+        threads = te.spec.engine.num_threads or engine_threads(self.spec)
+        if te.cpu_slot < 0:
+            taken = {t.cpu_slot for t in self.tes.values() if t is not te and t.row.state != TEStatus.REMOVED}
+            te.cpu_slot = min(set(range(len(self.tes) + 1)) - taken)
         engine = dataclasses.replace(
             te.spec.engine,
-            num_threads=te.spec.engine.num_threads or engine_threads(self.spec),
+            num_threads=threads,
+            cpu_ids=te.spec.engine.cpu_ids or te_cpus(te.cpu_slot, threads, sorted(os.sched_getaffinity(0))),
             kv_events=True,
         )
         command = [
