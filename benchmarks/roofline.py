@@ -5,9 +5,11 @@ Reproduce:
     .venv/bin/python benchmarks/roofline.py [--model PATH] [--threads N] [--json OUT]
 
 What is measured (on `torch.get_num_threads()` threads, the count the engine uses by default; `--threads`
-changes it for everything), each the best of N timed calls after one untimed warm-up:
+changes it for everything), each the best of `--repeats` timed calls after one untimed warm-up, and the
+whole set measured `--rounds` times in turn (fresh buffers; best kept, every round listed: the machine is
+shared, and its neighbours move the bandwidth by up to 2x from one minute to the next):
 
-* read bandwidth: `x.sum()` over a buffer much larger than L3 (max(8 x L3, 256 MiB)), fp32 and bf16; the
+* read bandwidth: `x.sum()` over a buffer much larger than L3 (max(16 x L3, 512 MiB)), fp32 and bf16; the
   faster of the two is the read bandwidth (bytes of the buffer / time).
 * copy bandwidth: `y.copy_(x)` on two such buffers, counted as read + write = 2 x the buffer per call (the
   write-allocate read a cache may add is not counted, as is usual for STREAM-style "copy").
@@ -77,7 +79,7 @@ def l3_bytes() -> int:
 
 
 def default_buffer_bytes() -> int:
-    return max(8 * l3_bytes(), 256 << 20)
+    return max(16 * l3_bytes(), 512 << 20)
 
 
 def best_seconds(fn: Callable[[], Any], repeats: int, inner: int = 1) -> float:
@@ -260,18 +262,33 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def measure_all(repeats: int) -> dict[str, Any]:
-    reads = measure_read_bandwidths(repeats=repeats)
-    return {
-        "read_bandwidth": max(reads.values()),
-        "read_bandwidth_by_dtype": reads,
-        "copy_bandwidth": measure_copy_bandwidth(repeats=repeats),
-        "gemm_flops": measure_gemm_flops(),
-        "gemv_bandwidth_f_linear": measure_gemv_bandwidth(packed=False),
-        "gemv_bandwidth_packed": (
-            measure_gemv_bandwidth(packed=True) if torch.backends.mkldnn.is_available() else None
-        ),
+def measure_all(repeats: int, rounds: int) -> dict[str, Any]:
+    """Every measurement, `rounds` times in turn (fresh buffers each round); the best of each is kept and
+    every round's result is listed under "rounds": this machine's neighbours move the numbers."""
+    per_round: list[dict[str, Any]] = []
+    for _ in range(rounds):
+        reads = measure_read_bandwidths(repeats=repeats)
+        per_round.append(
+            {
+                "read_bandwidth_by_dtype": reads,
+                "read_bandwidth": max(reads.values()),
+                "copy_bandwidth": measure_copy_bandwidth(repeats=repeats),
+                "gemm_flops": measure_gemm_flops(),
+                "gemv_bandwidth_f_linear": measure_gemv_bandwidth(packed=False),
+                "gemv_bandwidth_packed": (
+                    measure_gemv_bandwidth(packed=True) if torch.backends.mkldnn.is_available() else None
+                ),
+            }
+        )
+    best: dict[str, Any] = {"rounds": per_round}
+    for key in ("read_bandwidth", "copy_bandwidth", "gemm_flops", "gemv_bandwidth_f_linear"):
+        best[key] = max(r[key] for r in per_round)
+    packed = [r["gemv_bandwidth_packed"] for r in per_round if r["gemv_bandwidth_packed"] is not None]
+    best["gemv_bandwidth_packed"] = max(packed) if packed else None
+    best["read_bandwidth_by_dtype"] = {
+        name: max(r["read_bandwidth_by_dtype"][name] for r in per_round) for name in ("float32", "bfloat16")
     }
+    return best
 
 
 def floors(
@@ -312,23 +329,33 @@ def floors(
 def render(env: dict[str, Any], measured: dict[str, Any], model: dict[str, Any] | None) -> str:
     gb = 1e9
     reads = measured["read_bandwidth_by_dtype"]
+
+    def spread(key: str, unit: float) -> str:
+        return ", ".join("–" if r[key] is None else f"{r[key] / unit:.1f}" for r in measured["rounds"])
+
+    def share(key: str) -> str:
+        return f"{measured[key] / measured['read_bandwidth'] * 100:.0f}% of read bandwidth"
+
     lines = [
         f"CPU: {env['cpu']} ({env['cpu_count']} logical cores, L3 {env['l3_bytes'] >> 20} MiB), torch "
         f"{env['torch']}, {env['torch_threads']} threads, buffer {env['buffer_bytes'] >> 20} MiB, "
         f"load average at start {env['loadavg_at_start']}",
         "",
-        f"read bandwidth (sum, best):   {measured['read_bandwidth'] / gb:7.1f} GB/s   "
-        f"(fp32 {reads['float32'] / gb:.1f}, bf16 {reads['bfloat16'] / gb:.1f})",
-        f"copy bandwidth (read+write):  {measured['copy_bandwidth'] / gb:7.1f} GB/s",
+        f"best of {len(measured['rounds'])} rounds [each round's best in brackets]",
+        f"read bandwidth (sum):           {measured['read_bandwidth'] / gb:7.1f} GB/s   "
+        f"(fp32 {reads['float32'] / gb:.1f}, bf16 {reads['bfloat16'] / gb:.1f})   "
+        f"[{spread('read_bandwidth', gb)}]",
+        f"copy bandwidth (read+write):    {measured['copy_bandwidth'] / gb:7.1f} GB/s   "
+        f"[{spread('copy_bandwidth', gb)}]",
         f"bf16 GEMM {GEMM_SHAPE[0]}x{GEMM_SHAPE[1]} @ {GEMM_SHAPE[1]}x{GEMM_SHAPE[2]}: "
-        f"{measured['gemm_flops'] / 1e9:7.1f} GFLOP/s",
-        f"bf16 GEMV 1 row, F.linear:     {measured['gemv_bandwidth_f_linear'] / gb:7.1f} GB/s of weights "
-        f"({measured['gemv_bandwidth_f_linear'] / measured['read_bandwidth'] * 100:.0f}% of read bandwidth)",
+        f"{measured['gemm_flops'] / 1e9:7.1f} GFLOP/s   [{spread('gemm_flops', 1e9)}]",
+        f"bf16 GEMV 1 row, F.linear:      {measured['gemv_bandwidth_f_linear'] / gb:7.1f} GB/s of weights, "
+        f"{share('gemv_bandwidth_f_linear')}   [{spread('gemv_bandwidth_f_linear', gb)}]",
     ]
     if measured["gemv_bandwidth_packed"] is not None:
         lines.append(
-            f"bf16 GEMV 1 row, oneDNN packed: {measured['gemv_bandwidth_packed'] / gb:7.1f} GB/s of weights "
-            f"({measured['gemv_bandwidth_packed'] / measured['read_bandwidth'] * 100:.0f}% of read bandwidth)"
+            f"bf16 GEMV 1 row, oneDNN packed: {measured['gemv_bandwidth_packed'] / gb:7.1f} GB/s of weights, "
+            f"{share('gemv_bandwidth_packed')}   [{spread('gemv_bandwidth_packed', gb)}]"
         )
     if model is not None:
         tied = ", tied" if model["tied"] else ""
@@ -377,6 +404,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per bandwidth measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="all measurements this many times; best kept")
     parser.add_argument("--no-model", action="store_true", help="measure the machine only")
     parser.add_argument("--json", type=Path, default=None, help="write the numbers here")
     return parser.parse_args(argv)
@@ -407,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         path = resolve_model_path(args.model)
         model_args = ModelArgs.from_folder(path)
-    measured = measure_all(args.repeats)
+    measured = measure_all(args.repeats, args.rounds)
     if model_args is not None:
         dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
         weight_bytes, kv_one = model_decode_bytes(model_args, dtype, [1], args.block_size)
