@@ -10,13 +10,15 @@ every batch size runs one `generate` of `batch` random prompts of `input-len` to
 `execute` is wrapped (no engine code changes); among the steps where all `batch` requests decode one token:
 
 1. the first `--warmup` steps are skipped;
-2. the next `--steps` are timed with perf_counter only: `execute` wall time (model thread) and the step
+2. `--steps` run under `torch.profiler` (CPU activity), each step under a record_function annotation; the
+   profiler is started and stopped INSIDE the model-runner thread (it only records the thread that started
+   it);
+3. `--steps` more are timed with perf_counter only, half just before the profiled ones and half just after
+   (so that load from other processes hits both alike): `execute` wall time (model thread) and the step
    period, start to start of consecutive `execute` calls (what the engine takes per token, scheduling and
-   output handling included where async scheduling does not hide them);
-3. the next `--steps` run under `torch.profiler` (CPU activity), started and stopped INSIDE the model-runner
-   thread (the profiler only records the thread that started it).
+   output handling included where async scheduling does not hide them).
 
-From the profiled steps, per step:
+From each profiled step (the table shows medians over steps; the top-op tables are means):
 * ATen time: total CPU time of the top-level ops (sum of the self times of every op under them);
 * kernel time: self CPU time of the ops that do the work, the leaves of the dispatch (`is_kernel_op`):
   an op with a CPU kernel registered (plus copy_, whose kernel is backend-generic), not a view or an
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import itertools
 import json
 import os
 import platform
@@ -44,13 +47,13 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 # Ops that move no data (views, metadata) or only allocate: never kernels, whatever is registered for them.
 BOOKKEEPING = frozenset(
@@ -105,6 +108,10 @@ class BatchReport:
     ops_per_step: float
     top_level_ops_per_step: float
     kernel_ops_per_step: float
+    # Every step, for spotting noise: profiled execute, its kernel time, unprofiled execute (ms).
+    execute_profiled_steps_ms: list[float] = field(default_factory=list)
+    kernel_steps_ms: list[float] = field(default_factory=list)
+    execute_steps_ms: list[float] = field(default_factory=list)
     top_ops: list[OpStat] = field(default_factory=list)
     top_level_ops: list[TopLevelStat] = field(default_factory=list)
 
@@ -136,13 +143,19 @@ def is_kernel_op(name: str) -> bool:
     return False
 
 
+STEP_LABEL = "step_overhead::decode_step"
+
+
 class StepProbe:
-    """Wraps `runner.execute`: skip, time, then profile full decode steps of `batch` sequences."""
+    """Wraps `runner.execute`: after `warmup` full decode steps of `batch` sequences, times steps // 2 with
+    perf_counter, profiles `steps` (each under a STEP_LABEL annotation), then times the rest of `steps`: the
+    timed steps bracket the profiled ones, so a burst of load from others hits both alike."""
 
     def __init__(self, runner: Any, batch: int, warmup: int, steps: int) -> None:
         self.batch, self.warmup, self.steps = batch, warmup, steps
+        self.before = steps // 2
         self.seen = 0
-        self.starts: list[float] = []  # timed phase: start of every decode execute
+        self.starts: list[list[float]] = [[], []]  # timed phases: start of every decode execute
         self.execute: list[float] = []
         self.profiled_execute: list[float] = []
         self.context_start = 0
@@ -151,32 +164,38 @@ class StepProbe:
         inner: Callable[[Any], Any] = runner.execute
         self._inner = inner
 
+        def timed(scheduled: Any, phase: int) -> Any:
+            start = time.perf_counter()
+            result = inner(scheduled)
+            self.execute.append(time.perf_counter() - start)
+            self.starts[phase].append(start)
+            return result
+
         def probed(scheduled: Any) -> Any:
             counts = list(scheduled.num_scheduled_tokens.values())
             if len(counts) != self.batch or any(c != 1 for c in counts):
                 return inner(scheduled)
-            index = self.seen
+            index = self.seen - warmup
             self.seen += 1
-            if index < warmup:
+            if index < 0:
                 return inner(scheduled)
-            if index < warmup + steps:
-                start = time.perf_counter()
-                result = inner(scheduled)
-                self.starts.append(start)
-                self.execute.append(time.perf_counter() - start)
-                return result
-            if index < warmup + 2 * steps:
+            if index < self.before:
+                return timed(scheduled, 0)
+            if index < self.before + steps:
                 if self.prof is None:
                     ids = list(scheduled.num_scheduled_tokens)
                     self.context_start = self._runner.requests[ids[0]].num_computed_tokens + 1
                     self.prof = profile(activities=[ProfilerActivity.CPU])
                     self.prof.__enter__()
                 start = time.perf_counter()
-                result = inner(scheduled)
+                with record_function(STEP_LABEL):
+                    result = inner(scheduled)
                 self.profiled_execute.append(time.perf_counter() - start)
-                if index == warmup + 2 * steps - 1:
+                if index == self.before + steps - 1:
                     self.prof.__exit__(None, None, None)
                 return result
+            if index < 2 * steps:
+                return timed(scheduled, 1)
             return inner(scheduled)
 
         runner.execute = probed
@@ -186,32 +205,51 @@ class StepProbe:
 
     @property
     def complete(self) -> bool:
-        return len(self.profiled_execute) == self.steps
+        return len(self.profiled_execute) == self.steps and len(self.execute) == self.steps
+
+
+def _walk(event: Any) -> Iterator[Any]:
+    yield event
+    for child in event.cpu_children:
+        yield from _walk(child)
 
 
 def analyse(probe: StepProbe) -> BatchReport:
+    """Per-step sums from each profiled step's annotation subtree; the step figures are medians over steps
+    (robust to a burst of load from other processes), the top-op tables means."""
     assert probe.prof is not None
-    events = [e for e in probe.prof.events() if not e.is_user_annotation]
-    n = probe.steps
     us = 1e-3  # profiler times are in microseconds; report milliseconds
-
-    top_level = [e for e in events if e.cpu_parent is None]
-    aten = sum(e.cpu_time_total for e in top_level) * us / n
-    kernel_events = [e for e in events if is_kernel_op(e.name)]
-    kernel = sum(e.self_cpu_time_total for e in kernel_events) * us / n
+    steps = sorted((e for e in probe.prof.events() if e.name == STEP_LABEL), key=lambda e: e.time_range.start)
+    n = len(steps)
+    if n != probe.steps:
+        raise RuntimeError(f"found {n} profiled step annotations, expected {probe.steps}")
+    aten_ms, kernel_ms, ops, top_ops, kernel_ops = [], [], [], [], []
     by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    for e in events:
-        by_name[e.name][0] += 1
-        by_name[e.name][1] += e.self_cpu_time_total
     by_top: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0])
-    for e in top_level:
-        row = by_top[e.name]
-        row[0] += 1
-        row[1] += e.cpu_time_total
-        row[2] += 1 + _descendants(e)
-    execute_prof = statistics.fmean(probe.profiled_execute) * 1e3
-    execute = statistics.fmean(probe.execute) * 1e3
-    periods = [b - a for a, b in zip(probe.starts, probe.starts[1:], strict=False)]
+    for step in steps:
+        top_level = [e for e in step.cpu_children if not e.is_user_annotation]
+        events = [e for t in top_level for e in _walk(t) if not e.is_user_annotation]
+        kernels = [e for e in events if is_kernel_op(e.name)]
+        aten_ms.append(sum(e.cpu_time_total for e in top_level) * us)
+        kernel_ms.append(sum(e.self_cpu_time_total for e in kernels) * us)
+        ops.append(len(events))
+        top_ops.append(len(top_level))
+        kernel_ops.append(len(kernels))
+        for e in events:
+            by_name[e.name][0] += 1
+            by_name[e.name][1] += e.self_cpu_time_total
+        for e in top_level:
+            row = by_top[e.name]
+            row[0] += 1
+            row[1] += e.cpu_time_total
+            row[2] += sum(1 for _ in _walk(e))
+    med = statistics.median
+    execute_prof_steps = [t * 1e3 for t in probe.profiled_execute]
+    execute_prof = med(execute_prof_steps)
+    aten, kernel = med(aten_ms), med(kernel_ms)
+    execute = med(probe.execute) * 1e3
+    periods = [b - a for starts in probe.starts for a, b in itertools.pairwise(starts)]
+    mean_execute_prof = statistics.fmean(execute_prof_steps)
     top = sorted(by_name.items(), key=lambda item: item[1][1], reverse=True)[:TOP]
     top_total = sorted(by_top.items(), key=lambda item: item[1][1], reverse=True)[:TOP]
     return BatchReport(
@@ -219,24 +257,27 @@ def analyse(probe: StepProbe) -> BatchReport:
         context_start=probe.context_start,
         steps_timed=len(probe.execute),
         steps_profiled=n,
-        period_ms=statistics.fmean(periods) * 1e3 if periods else float("nan"),
+        period_ms=med(periods) * 1e3 if periods else float("nan"),
         execute_ms=execute,
         execute_profiled_ms=execute_prof,
         aten_ms=aten,
         kernel_ms=kernel,
-        dispatch_ms=aten - kernel,
-        python_gap_ms=execute_prof - aten,
-        host_overhead_profiled_ms=execute_prof - kernel,
+        dispatch_ms=med(a - k for a, k in zip(aten_ms, kernel_ms, strict=True)),
+        python_gap_ms=med(x - a for x, a in zip(execute_prof_steps, aten_ms, strict=True)),
+        host_overhead_profiled_ms=med(x - k for x, k in zip(execute_prof_steps, kernel_ms, strict=True)),
         host_overhead_ms=execute - kernel,
-        ops_per_step=len(events) / n,
-        top_level_ops_per_step=len(top_level) / n,
-        kernel_ops_per_step=len(kernel_events) / n,
+        ops_per_step=med(ops),
+        top_level_ops_per_step=med(top_ops),
+        kernel_ops_per_step=med(kernel_ops),
+        execute_profiled_steps_ms=execute_prof_steps,
+        kernel_steps_ms=kernel_ms,
+        execute_steps_ms=[t * 1e3 for t in probe.execute],
         top_ops=[
             OpStat(
                 name=name,
                 calls_per_step=calls / n,
                 self_ms_per_step=self_us * us / n,
-                share=self_us * us / n / execute_prof,
+                share=self_us * us / n / mean_execute_prof,
                 kind="kernel" if is_kernel_op(name) else "dispatch",
             )
             for name, (calls, self_us) in top
@@ -246,16 +287,12 @@ def analyse(probe: StepProbe) -> BatchReport:
                 name=name,
                 calls_per_step=calls / n,
                 total_ms_per_step=total_us * us / n,
-                share=total_us * us / n / execute_prof,
-                ops_per_call=ops / calls,
+                share=total_us * us / n / mean_execute_prof,
+                ops_per_call=ops_ / calls,
             )
-            for name, (calls, total_us, ops) in top_total
+            for name, (calls, total_us, ops_) in top_total
         ],
     )
-
-
-def _descendants(event: Any) -> int:
-    return sum(1 + _descendants(c) for c in event.cpu_children)
 
 
 # -- running -------------------------------------------------------------------------------------------------
@@ -270,7 +307,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[BatchReport]]:
     from deepflow import LLM, SamplingParams
 
     max_batch = max(args.batch_sizes)
-    output_len = args.warmup + 2 * args.steps + 2
+    output_len = args.warmup + 2 * args.steps + 3
     llm = LLM(
         args.model,
         dtype=args.dtype,
