@@ -13,7 +13,7 @@ from deepflow.engine.attention.metadata import AttentionMetadata
 from deepflow.engine.attention.torch_backend import TorchAttention
 
 BACKENDS = ("auto", "kernels", "torch")
-KERNEL_OPS = ("paged_attention", "merge_attention_states")
+KERNEL_OPS = ("paged_attention", "merge_attention_states", "rope_and_cache")
 
 __all__ = ["BACKENDS", "AttentionBackend", "AttentionMetadata", "KVCache", "select_backend"]
 

@@ -8,6 +8,7 @@ far, else over the gathered cached context with a causal mask offset by it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ class _Prepared:
     prefill_blocks: list[torch.Tensor | None]  # None: the chunk is the whole sequence (its own K/V)
     prefill_kv_lens: list[int]
     prefill_masks: list[torch.Tensor | None]
+    kernel_decodes: Any = None  # the kernels backend's decode tables (kernel_backend._Decodes)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -39,6 +41,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class TorchAttention(AttentionBackend):
     name = "torch"
+    # Subclasses that attend decodes their own way (the kernels) skip the decode gather set-up.
+    gathers_decodes = True
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
@@ -52,7 +56,7 @@ class TorchAttention(AttentionBackend):
         cos = self.cos[meta.positions].unsqueeze(1)
         sin = self.sin[meta.positions].unsqueeze(1)
         prepared = _Prepared(None, None, None, None, cos, sin, [], [], [], [])
-        if d:
+        if d and self.gathers_decodes:
             tables, lens = meta.block_tables[:d], meta.seq_lens[:d]
             if meta.cascade_blocks:
                 shared = meta.cascade_blocks
@@ -118,6 +122,21 @@ class TorchAttention(AttentionBackend):
         d = meta.num_decodes
         if d:
             out[:d] = self._decode(q[:d], k_cache, v_cache, prepared)
+        self._prefill_chunks(out, q, k, v, kv_cache, prepared)
+        return out
+
+    def _prefill_chunks(
+        self,
+        out: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: KVCache,
+        prepared: _Prepared,
+    ) -> None:
+        k_cache, v_cache = kv_cache
+        kvh, hd = self.num_kv_heads, self.head_dim
+        v = v.view(-1, kvh, hd)
         for (start, end), blocks, kv_len, mask in zip(
             prepared.prefill_ranges,
             prepared.prefill_blocks,
@@ -131,7 +150,6 @@ class TorchAttention(AttentionBackend):
                 keys = k_cache.index_select(1, blocks).view(kvh, -1, hd)[:, :kv_len]
                 values = v_cache.index_select(1, blocks).view(kvh, -1, hd)[:, :kv_len]
             out[start:end] = self._prefill(q[start:end], keys, values, mask)
-        return out
 
     def _decode(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prepared: _Prepared
