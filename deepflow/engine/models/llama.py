@@ -186,30 +186,38 @@ class Attention(nn.Module):
 
 
 class PackedLinear(nn.Module):
-    """A bf16 linear layer whose weight oneDNN has reordered once into its blocked layout.
+    """A bf16 linear layer whose weight oneDNN has reordered once into its blocked layout, and, with the
+    kernels, also packed for their small-batch GEMV, which serves the decode-sized calls.
 
-    On CPU this is 1.5-2x faster than `F.linear` for the small row counts of decoding (measured: a
-    3072x576 projection at 1 row 183 vs 285 us, at 32 rows 412 vs 650 us), and the same at prefill sizes.
+    oneDNN's packing is 1.5-2x faster than `F.linear` for decode row counts (a 3072x576 projection at 1 row
+    183 vs 285 us, at 32 rows 412 vs 650 us) and the same at prefill sizes. The kernels' `small_linear`
+    streams each weight byte once for up to `SMALL_ROWS` rows (benchmarks/linear_kernels.py); above that
+    oneDNN's GEMM wins. The price is a second copy of the weights in memory.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    SMALL_ROWS = 8
+
+    def __init__(self, linear: nn.Linear, small: bool) -> None:
         super().__init__()
         self.out_features = linear.out_features
-        self.weight = nn.Parameter(
-            torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1), requires_grad=False
-        )
+        weight = linear.weight.detach()
+        self.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight, 1), requires_grad=False)
         self.bias = linear.bias
+        self.small = torch.ops.deepflow.pack_linear_weight(weight.contiguous()) if small else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.small is not None and x.shape[0] <= self.SMALL_ROWS:
+            return torch.ops.deepflow.small_linear(x, self.small, self.bias, self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
-def pack_linears(model: nn.Module) -> None:
-    """Swap every nn.Linear for a PackedLinear (bf16 with oneDNN; fp32 stays bit-exact with HF)."""
+def pack_linears(model: nn.Module, small: bool) -> None:
+    """Swap every nn.Linear for a PackedLinear (bf16 with oneDNN, plus the kernels' GEMV layout when `small`;
+    fp32 stays on F.linear, bit-exact with HF)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, PackedLinear(child))
+                setattr(module, name, PackedLinear(child, small))
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -263,6 +271,7 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(args, dtype)
         self.attention: AttentionBackend | None = None  # set by load_model, once the rope tables exist
+        self.fused_kernels = False  # the kernels' fused bf16 ops and GEMV in use (set_backend)
 
     def set_backend(self, name: str) -> None:
         """`kernels`: FlowServe's C++ ops for attention and, in bf16, the fused small ops; `torch`: torch ops
@@ -273,6 +282,7 @@ class LlamaModel(nn.Module):
             args.num_heads, args.num_kv_heads, args.head_dim, self.rotary.cos, self.rotary.sin
         )
         fused = backend.name == "kernels" and self.dtype == torch.bfloat16 and kernels.available(*FUSED_OPS)
+        self.fused_kernels = fused
         for module in self.modules():
             if isinstance(module, RMSNorm | MLP):
                 module.kernels = fused
@@ -365,7 +375,8 @@ def load_model(
     model.load_state_dict(state, strict=False, assign=True)
     with torch.device(device):
         model.rotary = RotaryEmbedding(args, dtype)
-    if can_pack(dtype, device):
-        pack_linears(model)
     model.set_backend(backend)
+    if can_pack(dtype, device):
+        small = model.fused_kernels and kernels.available("pack_linear_weight", "small_linear")
+        pack_linears(model, small)
     return model.eval()
