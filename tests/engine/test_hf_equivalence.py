@@ -88,6 +88,21 @@ def test_tiny_models_single_request_match_hf(tiny_model_dir: Path, async_schedul
     assert run_engine(tiny_model_dir, prompts, 24, async_scheduling=async_scheduling) == expected
 
 
+@pytest.mark.parametrize("backend", ["torch", "kernels"])
+@pytest.mark.parametrize("setup", list(ENGINE_SETUPS))
+def test_each_backend_matches_hf(tiny_model_dir: Path, setup: str, backend: str) -> None:
+    """The default (auto) runs the kernels where they are built; both paths are checked on every machine that
+    has them, and the torch path everywhere (a CPU without AVX512-BF16 or DEEPFLOW_KERNELS=0 runs it)."""
+    from deepflow.engine import kernels
+    from deepflow.engine.attention import KERNEL_OPS
+
+    if backend == "kernels" and not kernels.available(*KERNEL_OPS):
+        pytest.skip(f"kernels unavailable: {kernels.unavailable_reason() or 'ops missing'}")
+    prompts = random_prompts(16, 512, seed=11 + len(setup))
+    expected = hf_greedy(tiny_model_dir, prompts, MAX_NEW)
+    assert run_engine(tiny_model_dir, prompts, MAX_NEW, backend=backend, **ENGINE_SETUPS[setup]) == expected
+
+
 @pytest.fixture(scope="module")
 def smollm2_prompts(smollm2_dir: Path) -> list[list[int]]:
     from deepflow.engine.tokenizer import Tokenizer
