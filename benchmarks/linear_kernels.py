@@ -2,7 +2,7 @@
 
 Reproduce:
 
-    .venv/bin/python benchmarks/linear_kernels.py [--rounds 5] [--quick] [--json OUT]
+    .venv/bin/python benchmarks/linear_kernels.py [--rounds 12] [--threads N] [--quick] [--json OUT]
 
 Everything runs on `torch.get_num_threads()` threads at SmolLM2-135M's shapes (hidden 576, intermediate
 1536, 9 heads, 3 KV heads, head_dim 64, 30 layers, vocab 49152). The machine is shared, so every comparison
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -112,7 +113,7 @@ def bench_sweep(rounds: int) -> list[dict]:
 
         kernel = partial(sweep_small, xs, packed, shapes, packed_head)
         torch_path = partial(sweep_onednn, xs, dnn, shapes, dnn_head)
-        t = best_of({"kernel": kernel, "onednn": torch_path}, rounds, 3)
+        t = best_of({"kernel": kernel, "onednn": torch_path}, rounds, 1)
         rows.append(
             dict(
                 m=m,
@@ -149,7 +150,7 @@ def bench_crossover(rounds: int, max_rows: int) -> dict[str, list[dict]]:
 
             kernel = partial(many_small, x, packed, n)
             torch_path = partial(many_onednn, x, dnn)
-            t = best_of({"kernel": kernel, "onednn": torch_path}, rounds, 2)
+            t = best_of({"kernel": kernel, "onednn": torch_path}, rounds, 1)
             per_shape.append(
                 dict(m=m, kernel_us=t["kernel"] / count * 1e6, onednn_us=t["onednn"] / count * 1e6)
             )
@@ -181,7 +182,7 @@ def bench_small_ops(rounds: int) -> list[dict]:
     rows: list[dict] = []
 
     def record(op: str, shape: str, kernel: Callable[[], object], torch_fn: Callable[[], object]) -> None:
-        t = best_of({"kernel": kernel, "torch": torch_fn}, rounds, 500)
+        t = best_of({"kernel": kernel, "torch": torch_fn}, rounds, 200)
         rows.append(
             dict(op=op, shape=shape, kernel_us=t["kernel"] * 1e6, torch_us=t["torch"] * 1e6,
                  speedup=t["torch"] / t["kernel"])
@@ -251,7 +252,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--rounds", type=int, default=12, help="interleaved rounds per comparison (best kept)"
+    )
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads first (default: torch's count)")
     parser.add_argument("--quick", action="store_true", help="crossover up to M=8 only, fewer rounds")
     parser.add_argument("--json", type=Path, help="write every number here")
     args = parser.parse_args()
@@ -259,9 +263,11 @@ def main() -> None:
 
     if not kernels.load():
         raise SystemExit(f"deepflow kernels unavailable: {kernels.unavailable_reason()}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rounds = 2 if args.quick else args.rounds
     torch.manual_seed(0)
-    results: dict = {"threads": torch.get_num_threads()}
+    results: dict = {"threads": torch.get_num_threads(), "loadavg_before": os.getloadavg()}
     with torch.inference_mode():
         print("per-call overhead", file=sys.stderr)
         results["overhead"] = bench_overhead(rounds)
@@ -272,6 +278,7 @@ def main() -> None:
         results["crossover"] = bench_crossover(rounds, 8 if args.quick else 16)
         print("fused small ops (bf16)", file=sys.stderr)
         results["small_ops"] = bench_small_ops(rounds)
+    results["loadavg_after"] = os.getloadavg()
     print_tables(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
@@ -279,7 +286,10 @@ def main() -> None:
 
 def print_tables(results: dict) -> None:
     o = results["overhead"]
-    print(f"\nthreads: {results['threads']}")
+    print(
+        f"\nthreads: {results['threads']}; load average before {results['loadavg_before'][0]:.2f}, "
+        f"after {results['loadavg_after'][0]:.2f} (1 min; the machine is shared)"
+    )
     print(
         f"per-call overhead (16x16 weight, 1 row): small_linear {o['small_linear_us']:.1f} us, "
         f"oneDNN {o['onednn_us']:.1f} us\n"

@@ -1,14 +1,15 @@
-"""Small-batch bf16 linear layers (decode: 1-8 rows) over weights repacked once for AVX512-BF16.
+"""Small-batch bf16 linear layers (decode: 1-16 rows) over weights repacked once for AVX512-BF16.
 
 `pack_linear_weight(w)` turns a bf16 [N, K] weight into the kernel's layout (a 1-D bf16 tensor: a 64-byte
 header recording N and K, then tiles of 16 output columns x K with K pairs interleaved for
 `_mm512_dpbf16_ps`, K padded to even, N to a multiple of 16; about the weight's own size). `small_linear`
 then computes x @ w.T (+ bias) for x [..., K] bf16 -> [..., N] bf16 with fp32 accumulation, the bias added in
-fp32 and one rounding at the end, streaming each weight byte once per call for up to 8 rows (more rows are
-correct too; each further 8 re-read the weight tiles from cache). Both cores split the output columns.
+fp32 and one rounding at the end, streaming each weight byte once per call for up to 16 rows (more rows
+are correct too; each further 16 re-read the weight tiles from cache). The threads split the output columns.
 
-Against the oneDNN-packed linear the model uses (`torch.ops.mkldnn._linear_pointwise`), this is faster for
-every row count up to 16 at the SmolLM2 shapes (benchmarks/linear_kernels.py gives the table).
+Against the oneDNN-packed linear the model uses (`torch.ops.mkldnn._linear_pointwise`) this was faster at
+every row count 1-16 for each SmolLM2 shape and the LM head, and over the whole decode step's projections
+up to M = 48 (parity at 64); benchmarks/linear_kernels.py measures it.
 The packed layout is the kernel's own: these functions need the kernel library.
 """
 
@@ -18,8 +19,8 @@ import torch
 
 from deepflow.engine import kernels
 
-# Rows a call reads the weight once for; above it the tiles are re-read from L1/L2 per 8 rows.
-MAX_ROWS = 8
+# Rows a call reads the weight once for; above it the tiles are re-read from L1/L2 per 16 rows.
+MAX_ROWS = 16
 HEADER_ELEMENTS = 32  # 64 bytes of the packed tensor
 _MAGIC = 0x57504644
 

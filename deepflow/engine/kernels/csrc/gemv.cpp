@@ -1,4 +1,4 @@
-// Small-batch bf16 GEMM (decode: 1-8 rows) over a weight repacked once at load for _mm512_dpbf16_ps.
+// Small-batch bf16 GEMM (decode: 1-16 rows) over a weight repacked once at load for _mm512_dpbf16_ps.
 //
 // Packed layout (a 1-D bf16 tensor):
 //   [0, 32)   a 64-byte header: magic, layout version, N, K, Kp = ceil(K/2), number of 16-column tiles
@@ -8,7 +8,9 @@
 // The op broadcasts the pair (x[m][2p], x[m][2p+1]) as one 32-bit value, accumulates in fp32 per (row,
 // column), adds the bias in fp32 and rounds to bf16 once. Threads split the column tiles; every tile is
 // used for all rows (up to 16 at a time) while it is in registers, so each weight byte is read once per
-// call for M <= 16 (M > 16 re-reads a tile group from L1/L2 per 16 rows).
+// call for M <= 16 (M > 16 re-reads a tile group from L1/L2 per 16 rows). dpbf16 reads bf16 denormals
+// as zero (and flushes denormal sums), which torch's fp32 matmul does not: the only other difference
+// from the reference besides the order of the fp32 additions.
 #include "gemv_util.h"
 
 #include <array>
