@@ -4,8 +4,8 @@ All decodes of a step are one `paged_attention` call per layer: the kernel walks
 table, so nothing is gathered. With a shared decode prefix (cascade) that prefix is attended once for all
 decode queries (one non-causal "sequence" of D queries) and merged with the per-sequence suffixes through
 their log-sum-exp. Prefill chunks still go through torch's SDPA (inherited from the torch backend): the
-kernel's per-query loop is slower than SDPA's GEMMs at prefill sizes (benchmarks/attention_kernels.py), and
-a flash-style tiled prefill kernel is the next step.
+kernel's tiled many-query path is faster (benchmarks/attention_kernels.py) but is not yet wired here, pending
+the fp32 HF-equivalence run with chunks on it.
 """
 
 from __future__ import annotations
