@@ -8,7 +8,6 @@ far, else over the gathered cached context with a causal mask offset by it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +30,6 @@ class _Prepared:
     prefill_blocks: list[torch.Tensor | None]  # None: the chunk is the whole sequence (its own K/V)
     prefill_kv_lens: list[int]
     prefill_masks: list[torch.Tensor | None]
-    kernel_decodes: Any = None  # the kernels backend's decode tables (kernel_backend._Decodes)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -41,8 +39,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class TorchAttention(AttentionBackend):
     name = "torch"
-    # Subclasses that attend decodes their own way (the kernels) skip the decode gather set-up.
-    gathers_decodes = True
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
@@ -56,7 +52,7 @@ class TorchAttention(AttentionBackend):
         cos = self.cos[meta.positions].unsqueeze(1)
         sin = self.sin[meta.positions].unsqueeze(1)
         prepared = _Prepared(None, None, None, None, cos, sin, [], [], [], [])
-        if d and self.gathers_decodes:
+        if d:
             tables, lens = meta.block_tables[:d], meta.seq_lens[:d]
             if meta.cascade_blocks:
                 shared = meta.cascade_blocks

@@ -191,11 +191,12 @@ class PackedLinear(nn.Module):
 
     oneDNN's packing is 1.5-2x faster than `F.linear` for decode row counts (a 3072x576 projection at 1 row
     183 vs 285 us, at 32 rows 412 vs 650 us) and the same at prefill sizes. The kernels' `small_linear`
-    streams each weight byte once for up to `SMALL_ROWS` rows (benchmarks/linear_kernels.py); above that
-    oneDNN's GEMM wins. The price is a second copy of the weights in memory.
+    streams each weight byte once for up to 16 rows and was ahead of oneDNN at every count to 16 rows,
+    crossing over near 64 (benchmarks/linear_kernels.py, docs/benchmarks.md); `SMALL_ROWS` stays at the
+    16 where one weight pass serves the whole call. The price is a second copy of the weights in memory.
     """
 
-    SMALL_ROWS = 8
+    SMALL_ROWS = 16
 
     def __init__(self, linear: nn.Linear, small: bool) -> None:
         super().__init__()
@@ -276,8 +277,8 @@ class LlamaModel(nn.Module):
     def set_backend(self, name: str) -> None:
         """`kernels`: FlowServe's C++ ops for attention and, in bf16, the fused small ops; `torch`: torch ops
         throughout (any device, bit-exact with HF in fp32); `auto`: kernels where they run."""
-        backend = select_backend(name, self.rotary.cos.device)
         args = self.args
+        backend = select_backend(name, self.rotary.cos.device, args.head_dim)
         self.attention = backend(
             args.num_heads, args.num_kv_heads, args.head_dim, self.rotary.cos, self.rotary.sin
         )
