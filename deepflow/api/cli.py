@@ -139,6 +139,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="cap on prompts x n in one request (400 above)",
     )
     p.add_argument("--no-async-scheduling", action="store_true", help="plan each step after the last one")
+    p.add_argument(
+        "--async-max-step-tokens",
+        type=int,
+        default=None,
+        help="steps of more tokens (prefills) are collected before the next is planned, so arrivals join the "
+        "next step [unset: always overlap]",
+    )
     p.add_argument("--tes", type=_positive_int, default=1, help="task executors (engine processes) per model")
     p.add_argument(
         "--policy",
@@ -208,6 +215,13 @@ def engine_config(args: argparse.Namespace, model: str | None) -> Any:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         async_scheduling=not args.no_async_scheduling,
+        async_max_step_tokens=(
+            EngineConfig.async_max_step_tokens
+            if args.async_max_step_tokens is None
+            else args.async_max_step_tokens
+            if args.async_max_step_tokens > 0
+            else None
+        ),
         enable_prefix_caching=not args.no_prefix_caching,
         max_context_tokens=args.max_context_tokens,
         device=args.device,

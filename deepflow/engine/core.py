@@ -7,6 +7,9 @@ core: OpenMP keeps a thread team per calling thread, and two teams on a small ma
 With `async_scheduling` the model thread executes step N while the calling thread plans step N+1 and then
 processes step N's output (paper §4.2, the overlap loop of SGLang/mini-sglang). Scheduling is pure Python and
 torch releases the GIL inside kernels, so planning hides behind execution. Output is identical either way.
+The overlap has a price: step N+1 is planned before anything that arrives during step N, which then waits
+for step N+2. With `async_max_step_tokens` set, steps larger than it (prefills, long) are collected before the
+next is planned and only decode-sized steps overlap (opt-in: measured mixed, see EngineConfig).
 
 The core caps oneDNN's per-shape primitive caches (`bound_onednn_caches`) before the model loads: left at
 their defaults they were what grew a task executor's RSS under steady load.
@@ -104,6 +107,7 @@ class EngineCore:
             self.cache,
         )
         self._inflight: Future[ModelRunnerOutput] | None = None
+        self._inflight_long = False  # the step in flight has more than async_max_step_tokens tokens
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -129,6 +133,12 @@ class EngineCore:
         )
 
     def step(self) -> list[EngineCoreOutput]:
+        if self._inflight is not None and self._inflight_long:
+            # A long step in flight: collect it and plan nothing yet, so the caller admits what arrived
+            # while it ran and the next plan (made after it) includes those requests.
+            outputs = self.scheduler.update_from_output(self._inflight.result())
+            self._inflight = None
+            return outputs
         scheduled = self.scheduler.schedule()
         if not self.config.async_scheduling:
             return self.scheduler.update_from_output(
@@ -143,6 +153,8 @@ class EngineCore:
         if self._inflight is not None:
             outputs = self.scheduler.update_from_output(self._inflight.result())
         self._inflight = launched
+        limit = self.config.async_max_step_tokens
+        self._inflight_long = limit is not None and scheduled.total_num_scheduled_tokens > limit
         return outputs
 
     def shutdown(self) -> None:

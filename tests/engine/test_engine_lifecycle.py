@@ -21,8 +21,12 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model("qwen2-bias-gqa3", tmp_path_factory.mktemp("lifecycle"))
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["async", "sync"])
+# async: always overlapped; async-long: steps over 8 tokens collected before the next plan; sync.
+@pytest.fixture(
+    scope="module", params=[(True, None), (True, 8), (False, None)], ids=["async", "async-long", "sync"]
+)
 def config(request: pytest.FixtureRequest, tiny_dir: Path) -> EngineConfig:
+    async_scheduling, max_step_tokens = request.param
     return EngineConfig(
         model=str(tiny_dir),
         dtype="float32",
@@ -30,7 +34,8 @@ def config(request: pytest.FixtureRequest, tiny_dir: Path) -> EngineConfig:
         block_size=4,
         max_num_seqs=6,
         max_num_batched_tokens=24,
-        async_scheduling=request.param,
+        async_scheduling=async_scheduling,
+        async_max_step_tokens=max_step_tokens,
     )
 
 
