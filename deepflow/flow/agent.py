@@ -1,0 +1,456 @@
+"""`TransferAgent`: DistFlow's per-process control plane (Mooncake-transfer-engine shaped).
+
+One agent per process (per TE). It listens for peers, holds the registered memory regions, links to peers
+(`connect`: a handshake that checks layouts both ways and learns the peer's incarnation and regions) and
+moves bytes (`transfer`: a batch of entries, asynchronous, a handle back).
+
+    agent = TransferAgent("prefill-0", layout)          # listens on 127.0.0.1:<free port>
+    agent.register("kv", pool.segment)                  # before peers connect: the handshake lists regions
+    peer = agent.connect("127.0.0.1:5555")              # → PeerInfo(name, incarnation, backend, regions)
+    h = agent.transfer(peer, entries)                   # push; op=TransferOp.READ pulls
+    h.wait(timeout=10.0)                                # raises on failure or timeout
+
+Incarnations: every agent draws a random incarnation id at start. A `connect` that finds a known peer name
+under a new incarnation voids the old link (its pending transfers fail with `PeerRestartedError`, its
+mappings are dropped); a `PeerInfo` of the old incarnation is refused by `transfer`. Names identify peers
+(a TE id): two live agents must not share one.
+
+Regions registered after a peer linked are seen by it when it connects again (the handshake is the only
+region announcement); the target side checks every request against its current regions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from deepflow.flow import messages as m
+from deepflow.flow.errors import (
+    FlowError,
+    InvalidTransferError,
+    LayoutMismatchError,
+    PeerLostError,
+    PeerRestartedError,
+)
+from deepflow.flow.handle import TransferHandle, TransferOp
+from deepflow.flow.layout import LayoutDescriptor
+from deepflow.flow.link import Backend, LinkState, PeerInfo, PeerLink, PendingTransfer
+from deepflow.flow.regions import MemoryRegion, RegionInfo
+from deepflow.flow.shm import ShmSegment
+from deepflow.flow.spans import Span, TransferEntry, check_bounds, coalesce, dst_spans, src_spans
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRANSFER_TIMEOUT = 30.0  # a transfer's deadline unless the caller gives one
+HANDSHAKE_TIMEOUT = 10.0
+_SOCKET_BUFFER = 4 << 20
+
+
+def host_id() -> str:
+    """This host as peers compare it for the shared-memory path: hostname + kernel boot id."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+@dataclass(frozen=True)
+class InboundTransfer:
+    """A transfer a peer completed against this agent's regions, as `on_receive` sees it (before the
+    acknowledgement is sent: when the peer's handle is done, the callback has run)."""
+
+    peer: str
+    peer_incarnation: str
+    op: TransferOp
+    spans: list[Span]
+    tag: str
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"address must be host:port, not {address!r}")
+    return host.strip("[]"), int(port)
+
+
+class TransferAgent:
+    def __init__(
+        self,
+        name: str,
+        layout: LayoutDescriptor,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        on_receive: Callable[[InboundTransfer], None] | None = None,
+        transfer_timeout: float = DEFAULT_TRANSFER_TIMEOUT,
+    ) -> None:
+        self.name = name
+        self.layout = layout
+        self.layout_digest = layout.digest()
+        self.incarnation = secrets.token_hex(8)
+        self.host_id = host_id()
+        self.transfer_timeout = transfer_timeout
+        self._on_receive = on_receive
+        self._lock = threading.Lock()
+        self._regions: dict[str, MemoryRegion] = {}
+        self._links: dict[str, PeerLink] = {}
+        self._inbound: set[socket.socket] = set()
+        self._next_id = 1
+        self._closed = False
+        self._listener = socket.create_server((host, port), backlog=64)
+        self.address = f"{host}:{self._listener.getsockname()[1]}"
+        self._acceptor = threading.Thread(target=self._accept_loop, name=f"flow-accept-{name}", daemon=True)
+        self._acceptor.start()
+
+    # -- regions -----------------------------------------------------------------------------------------
+
+    def register(self, name: str, buffers: Any | Sequence[Any]) -> RegionInfo:
+        """Register `buffers` (one buffer, or a list laid end to end) as region `name`: torch tensors,
+        numpy arrays, bytearrays, mmaps or `ShmSegment`s. The caller keeps them alive and unchanged in
+        place; parts inside this process's shared-memory segments are offered to same-host peers."""
+        if not isinstance(buffers, list | tuple):
+            buffers = [buffers]
+        region = MemoryRegion(name, buffers)
+        with self._lock:
+            if name in self._regions:
+                raise ValueError(f"region {name!r} is already registered")
+            self._regions[name] = region
+        return region.info()
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            self._regions.pop(name, None)
+
+    def regions(self) -> list[RegionInfo]:
+        with self._lock:
+            return [r.info() for r in self._regions.values()]
+
+    # -- links -------------------------------------------------------------------------------------------
+
+    def connect(
+        self, address: str, backend: Backend = Backend.AUTO, timeout: float = HANDSHAKE_TIMEOUT
+    ) -> PeerInfo:
+        """Link to the agent at `address` (host:port). Raises `LayoutMismatchError` if either side finds the
+        layouts incompatible, `PeerLostError` if it cannot be reached within `timeout`. A peer already
+        linked under the same incarnation keeps its link; a new incarnation voids the old one."""
+        host, port = _split_address(address)
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as e:
+            raise PeerLostError(f"cannot reach a DistFlow agent at {address}: {e}") from e
+        try:
+            _tune(sock)
+            hello = m.Hello(
+                protocol=m.PROTOCOL_VERSION,
+                name=self.name,
+                incarnation=self.incarnation,
+                host_id=self.host_id,
+                layout=self.layout,
+                layout_digest=self.layout_digest,
+                regions=self.regions(),
+            )
+            sock.sendall(m.frame(hello))
+            body, _ = m.recv_frame(sock)
+            reply = m.handshake_decoder.decode(body)
+        except (OSError, ConnectionError, msgspec.DecodeError) as e:
+            sock.close()
+            raise PeerLostError(f"handshake with {address} failed: {e}") from e
+        if isinstance(reply, m.Refused):
+            sock.close()
+            err = LayoutMismatchError if reply.reason.startswith("layout mismatch") else FlowError
+            raise err(
+                f"peer {reply.name!r} (incarnation {reply.incarnation}) at {address} refused the link: "
+                f"{reply.reason}"
+            )
+        if mismatch := self._mismatch(self.layout, reply.layout, reply.layout_digest):
+            sock.close()
+            raise LayoutMismatchError(
+                f"peer {reply.name!r} (incarnation {reply.incarnation}) at {address} has an incompatible "
+                f"layout (initiator {self.name!r} != target {reply.name!r}): {mismatch}"
+            )
+        sock.settimeout(None)
+        regions = {r.name: r for r in reply.regions}
+        chosen, segments = self._choose_backend(backend, reply, regions)
+        info = PeerInfo(reply.name, reply.incarnation, address, chosen, reply.layout, regions)
+        with self._lock:
+            old = self._links.get(info.name)
+            same = (
+                old is not None and old.state is LinkState.READY and old.info.incarnation == info.incarnation
+            )
+            if not (same and old.info.backend is chosen):
+                link = PeerLink(sock, info, segments)
+                self._links[info.name] = link
+        if same and old.info.backend is chosen:
+            sock.close()  # already linked to this incarnation: keep the link (and its pending transfers)
+            for seg in segments.values():
+                seg.close()
+            return old.info
+        if old is not None:
+            if old.info.incarnation != info.incarnation:
+                old.fail(
+                    PeerRestartedError(
+                        f"peer {info.name!r} restarted: incarnation {old.info.incarnation} replaced by "
+                        f"{info.incarnation}; transfers to the old incarnation are void"
+                    ),
+                    LinkState.STALE,
+                )
+            old.close()
+        return info
+
+    def _mismatch(self, initiator: LayoutDescriptor, target: LayoutDescriptor, digest: str) -> str:
+        """'' when compatible, else each differing field as `name: initiator's != target's`."""
+        if digest == self.layout_digest and initiator.digest() == target.digest():
+            return ""
+        return "; ".join(initiator.mismatches(target)) or "layout digests differ"
+
+    def _choose_backend(
+        self, backend: Backend, reply: m.Welcome, regions: dict[str, RegionInfo]
+    ) -> tuple[Backend, dict[str, ShmSegment]]:
+        if backend is Backend.TCP:
+            return Backend.TCP, {}
+        why = ""
+        if reply.host_id != self.host_id:
+            why = f"peer is on another host ({reply.host_id})"
+        elif not regions:
+            why = "peer registered no regions"
+        elif not all(r.in_shm for r in regions.values()):
+            why = (
+                f"peer regions not in shared memory: {sorted(n for n, r in regions.items() if not r.in_shm)}"
+            )
+        segments: dict[str, ShmSegment] = {}
+        if not why:
+            try:
+                for r in regions.values():
+                    for p in r.parts:
+                        if p.shm_name is not None and p.shm_name not in segments:
+                            segments[p.shm_name] = ShmSegment.attach(p.shm_name, p.shm_size)
+            except (OSError, ValueError) as e:
+                for seg in segments.values():
+                    seg.close()
+                segments = {}
+                why = f"cannot map the peer's segments: {e}"
+        if not why:
+            return Backend.SHM, segments
+        if backend is Backend.SHM:
+            raise FlowError(f"shared-memory backend unavailable for peer {reply.name!r}: {why}")
+        return Backend.TCP, {}
+
+    def peer(self, name: str) -> PeerInfo | None:
+        """The linked peer `name` (its current incarnation), or None if not linked or its link failed."""
+        with self._lock:
+            link = self._links.get(name)
+        return link.info if link is not None and link.state is LinkState.READY else None
+
+    def disconnect(self, name: str) -> None:
+        with self._lock:
+            link = self._links.pop(name, None)
+        if link is not None:
+            link.close()
+
+    # -- data plane --------------------------------------------------------------------------------------
+
+    def transfer(
+        self,
+        peer: str | PeerInfo,
+        entries: Iterable[TransferEntry],
+        op: TransferOp = TransferOp.WRITE,
+        timeout: float | None = None,
+        tag: str = "",
+    ) -> TransferHandle:
+        """Start moving a batch to (`WRITE`) or from (`READ`) a linked peer; returns at once with a handle.
+        For a write, sources are this agent's regions and destinations the peer's; for a read the reverse.
+        The batch is checked and coalesced first (`InvalidTransferError` before any byte moves); the
+        transfer fails if not acknowledged within `timeout` (default `transfer_timeout`). `tag` is passed
+        to the peer's `on_receive`. A `PeerInfo` of an earlier incarnation raises `PeerRestartedError`."""
+        name = peer.name if isinstance(peer, PeerInfo) else peer
+        with self._lock:
+            link = self._links.get(name)
+            transfer_id = self._next_id
+            self._next_id += 1
+        if link is None:
+            raise PeerLostError(f"no link to peer {name!r}; connect first")
+        if isinstance(peer, PeerInfo) and peer.incarnation != link.info.incarnation:
+            raise PeerRestartedError(
+                f"peer {name!r} incarnation {peer.incarnation} is gone (now {link.info.incarnation})"
+            )
+        if link.state is not LinkState.READY:
+            assert link.error is not None
+            raise link.error
+        batch = coalesce(entries)
+        local_spans, remote_spans = (
+            (src_spans(batch), dst_spans(batch))
+            if op is TransferOp.WRITE
+            else (dst_spans(batch), src_spans(batch))
+        )
+        with self._lock:
+            local_regions = dict(self._regions)
+        check_bounds(local_spans, {n: r.size for n, r in local_regions.items()}, f"agent {self.name!r}")
+        check_bounds(remote_spans, {n: r.size for n, r in link.info.regions.items()}, f"peer {name!r}")
+        local = [p for s in local_spans for p in local_regions[s.region].pieces(s.offset, s.length)]
+        remote = []
+        if link.info.backend is Backend.SHM:
+            remote = [p for s in remote_spans for p in link.peer_region(s.region).pieces(s.offset, s.length)]
+        nbytes = sum(e.length for e in batch)
+        handle = TransferHandle(
+            transfer_id,
+            name,
+            link.info.incarnation,
+            op,
+            nbytes,
+            time.monotonic() + (self.transfer_timeout if timeout is None else timeout),
+            link.expire,
+        )
+        if not batch:
+            handle._complete()
+            return handle
+        link.submit(PendingTransfer(handle, remote_spans, local, remote, tag))
+        return handle
+
+    def write(self, peer: str | PeerInfo, entries: Iterable[TransferEntry], **kw: Any) -> TransferHandle:
+        return self.transfer(peer, entries, TransferOp.WRITE, **kw)
+
+    def read(self, peer: str | PeerInfo, entries: Iterable[TransferEntry], **kw: Any) -> TransferHandle:
+        return self.transfer(peer, entries, TransferOp.READ, **kw)
+
+    # -- target side -------------------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return  # listener closed
+            _tune(sock)
+            with self._lock:
+                if self._closed:
+                    sock.close()
+                    return
+                self._inbound.add(sock)
+            threading.Thread(
+                target=self._serve, args=(sock,), name=f"flow-serve-{self.name}", daemon=True
+            ).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        """One initiator's connection: the handshake, then its requests in order until it closes."""
+        peer = "?"
+        try:
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+            body, _ = m.recv_frame(sock)
+            hello = m.request_decoder.decode(body)
+            if not isinstance(hello, m.Hello):
+                return
+            peer = f"{hello.name!r} (incarnation {hello.incarnation})"
+            reason = ""
+            if hello.protocol != m.PROTOCOL_VERSION:
+                reason = f"protocol {hello.protocol} != {m.PROTOCOL_VERSION}"
+            elif mismatch := self._mismatch(hello.layout, self.layout, hello.layout_digest):
+                reason = f"layout mismatch (initiator {hello.name!r} != target {self.name!r}): {mismatch}"
+            if reason:
+                log.warning("refusing DistFlow peer %s: %s", peer, reason)
+                sock.sendall(m.frame(m.Refused(name=self.name, incarnation=self.incarnation, reason=reason)))
+                return
+            welcome = m.Welcome(
+                name=self.name,
+                incarnation=self.incarnation,
+                host_id=self.host_id,
+                layout=self.layout,
+                layout_digest=self.layout_digest,
+                regions=self.regions(),
+            )
+            sock.sendall(m.frame(welcome))
+            sock.settimeout(None)
+            while True:
+                body, payload_len = m.recv_frame(sock)
+                req = m.request_decoder.decode(body)
+                if isinstance(req, m.WriteRequest | m.ReadRequest):
+                    self._handle(sock, hello, req, payload_len)
+                else:
+                    raise ConnectionError(f"unexpected {type(req).__name__} after the handshake")
+        except (OSError, ConnectionError, msgspec.DecodeError) as e:
+            log.debug("DistFlow connection from %s ended: %s", peer, e)
+        finally:
+            with self._lock:
+                self._inbound.discard(sock)
+            sock.close()
+
+    def _handle(
+        self, sock: socket.socket, hello: m.Hello, req: m.WriteRequest | m.ReadRequest, payload_len: int
+    ) -> None:
+        write = isinstance(req, m.WriteRequest)
+        nbytes = sum(s.length for s in req.spans)
+        with self._lock:
+            regions = dict(self._regions)
+        error = None
+        if req.target_incarnation != self.incarnation:
+            error = f"addressed to incarnation {req.target_incarnation}, this is {self.incarnation}"
+        else:
+            try:
+                check_bounds(req.spans, {n: r.size for n, r in regions.items()}, f"agent {self.name!r}")
+            except InvalidTransferError as e:
+                error = str(e)
+        expected = nbytes if write and not req.in_place else 0
+        if error is None and payload_len != expected:
+            error = f"payload of {payload_len} bytes for {expected}"
+        if error is not None:
+            m.drain(sock, payload_len)
+            sock.sendall(m.frame(m.Ack(transfer_id=req.transfer_id, error=error)))
+            return
+        pieces = [p for s in req.spans for p in regions[s.region].pieces(s.offset, s.length)]
+        if write and not req.in_place:
+            m.recv_buffers(sock, m.views(pieces))
+        if self._on_receive is not None:
+            try:
+                op = TransferOp.WRITE if write else TransferOp.READ
+                self._on_receive(InboundTransfer(hello.name, hello.incarnation, op, req.spans, req.tag))
+            except Exception as e:
+                log.exception("on_receive failed")
+                error = f"receiver callback failed: {e}"
+        if write or req.in_place or error is not None:
+            sock.sendall(m.frame(m.Ack(transfer_id=req.transfer_id, error=error)))
+        else:
+            m.send_buffers(sock, [m.frame(m.Ack(transfer_id=req.transfer_id), nbytes), *m.views(pieces)])
+
+    # -- lifetime ----------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every link (their pending transfers fail), stop listening, drop inbound connections.
+        Regions stay the caller's (an `allocate_kv_pool` pool is closed by its owner)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            links = list(self._links.values())
+            self._links.clear()
+            inbound = list(self._inbound)
+        for link in links:
+            link.close()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for sock in inbound:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._acceptor.join(5.0)
+
+    def __enter__(self) -> TransferAgent:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
