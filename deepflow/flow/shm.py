@@ -117,13 +117,17 @@ class ShmSegment:
         return cls(name, size, fd, owner=False)
 
     def tensor(self, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 0) -> torch.Tensor:
-        """A torch tensor viewing `shape` elements of `dtype` at byte `offset` (no copy)."""
+        """A torch tensor viewing `shape` elements of `dtype` at byte `offset` (no copy). Made from the
+        numpy view, which holds a buffer export of the mapping (`torch.frombuffer` does not): while any such
+        tensor lives the mapping cannot be closed under it."""
         import math
 
         import torch
 
-        count = math.prod(shape)
-        return torch.frombuffer(self._mm, dtype=dtype, count=count, offset=offset).view(shape)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if offset < 0 or offset + nbytes > self.size:
+            raise ValueError(f"{nbytes} bytes at {offset} exceed the segment's {self.size}")
+        return torch.from_numpy(self.array[offset : offset + nbytes]).view(dtype).view(shape)
 
     def close(self) -> None:
         """Unlink (the owner) and unmap. Views still alive keep the memory mapped until they are dropped
