@@ -412,7 +412,12 @@ class TransferAgent:
             m.drain(sock, payload_len)
             sock.sendall(m.frame(m.Ack(transfer_id=req.transfer_id, error=error)))
             return
-        pieces = [p for s in req.spans for p in regions[s.region].pieces(s.offset, s.length)]
+        # In place (shm), the initiator already copied: only a TCP payload needs this side's pieces.
+        pieces = (
+            []
+            if req.in_place
+            else [p for s in req.spans for p in regions[s.region].pieces(s.offset, s.length)]
+        )
         if write and not req.in_place:
             m.recv_buffers(sock, m.views(pieces))
         if self._on_receive is not None:

@@ -95,6 +95,8 @@ class MemoryRegion:
 
 
 def split(parts: list[np.ndarray], starts: list[int], offset: int, length: int) -> list[np.ndarray]:
+    if len(parts) == 1:  # the common case (one segment, one pool): a slice, no search
+        return [parts[0][offset : offset + length]]
     out = []
     i = bisect.bisect(starts, offset) - 1
     while length > 0:
