@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -102,7 +103,14 @@ class PeerProcess:
         self.proc.join(REPLY_TIMEOUT)
 
     def stop(self) -> None:
+        """SIGSTOP, returning once the child is stopped (the signal is delivered asynchronously: a request
+        sent right after `kill` could still be answered). waitpid(WUNTRACED) reports the stop; it runs in
+        a thread so the wait is bounded."""
         os.kill(self.pid, signal.SIGSTOP)
+        waiter = threading.Thread(target=os.waitpid, args=(self.pid, os.WUNTRACED), daemon=True)
+        waiter.start()
+        waiter.join(REPLY_TIMEOUT)
+        assert not waiter.is_alive(), "the peer did not stop"
 
     def kill(self) -> None:
         if self.proc.is_alive():
