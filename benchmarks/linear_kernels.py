@@ -93,7 +93,7 @@ def many_onednn(x: torch.Tensor, dnn: list) -> None:
         dnn_linear(x, w)
 
 
-def bench_sweep(rounds: int) -> list[dict]:
+def bench_sweep(rounds: int, sweep_rows: tuple[int, ...] = SWEEP_ROWS) -> list[dict]:
     ops = torch.ops.deepflow
     layers = [
         [make_weights(s, 1, 100 * i + j)[0] for j, s in enumerate(PROJECTIONS.values())]
@@ -108,7 +108,7 @@ def bench_sweep(rounds: int) -> list[dict]:
     weight_bytes = sum(w.numel() * 2 for layer in layers for w in layer) + head.numel() * 2
     del layers, head
     rows = []
-    for m in SWEEP_ROWS:
+    for m in sweep_rows:
         xs = {k: torch.randn(m, k).bfloat16() for k in (HIDDEN, INTER)}
 
         kernel = partial(sweep_small, xs, packed, shapes, packed_head)
@@ -258,6 +258,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads first (default: torch's count)")
     parser.add_argument("--quick", action="store_true", help="crossover up to M=8 only, fewer rounds")
     parser.add_argument("--json", type=Path, help="write every number here")
+    parser.add_argument(
+        "--rows", type=int, nargs="+", default=list(SWEEP_ROWS), help="row counts of the decode sweep"
+    )
+    parser.add_argument("--sweep-only", action="store_true", help="only the decode sweep")
     args = parser.parse_args()
     from deepflow.engine import kernels
 
@@ -273,7 +277,9 @@ def main() -> None:
         results["overhead"] = bench_overhead(rounds)
         print(f"  {results['overhead']}", file=sys.stderr)
         print("decode sweep: 30 layers' projections + LM head", file=sys.stderr)
-        results["sweep"] = bench_sweep(rounds)
+        results["sweep"] = bench_sweep(rounds, tuple(args.rows))
+        if args.sweep_only:
+            return
         print("crossover per shape", file=sys.stderr)
         results["crossover"] = bench_crossover(rounds, 8 if args.quick else 16)
         print("fused small ops (bf16)", file=sys.stderr)

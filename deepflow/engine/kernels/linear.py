@@ -1,11 +1,11 @@
-"""Small-batch bf16 linear layers (decode: 1-16 rows) over weights repacked once for AVX512-BF16.
+"""Small-batch bf16 linear layers (decode: 1-64 rows) over weights repacked once for AVX512-BF16.
 
 `pack_linear_weight(w)` turns a bf16 [N, K] weight into the kernel's layout (a 1-D bf16 tensor: a 64-byte
 header recording N and K, then tiles of 16 output columns x K with K pairs interleaved for
 `_mm512_dpbf16_ps`, K padded to even, N to a multiple of 16; about the weight's own size). `small_linear`
 then computes x @ w.T (+ bias) for x [..., K] bf16 -> [..., N] bf16 with fp32 accumulation, the bias added in
 fp32 and one rounding at the end, streaming each weight byte once per call for up to 16 rows (more rows
-are correct too; each further 16 re-read the weight tiles from cache). The threads split the output columns.
+work in passes of 8 rows x 3 column tiles that re-read the tiles from L2). The threads split the columns.
 
 Against the oneDNN-packed linear the model uses (`torch.ops.mkldnn._linear_pointwise`) this was faster at
 every row count 1-16 for each SmolLM2 shape and the LM head, and over the whole decode step's projections

@@ -191,12 +191,13 @@ class PackedLinear(nn.Module):
 
     oneDNN's packing is 1.5-2x faster than `F.linear` for decode row counts (a 3072x576 projection at 1 row
     183 vs 285 us, at 32 rows 412 vs 650 us) and the same at prefill sizes. The kernels' `small_linear`
-    streams each weight byte once for up to 16 rows and was ahead of oneDNN at every count to 16 rows,
-    crossing over near 64 (benchmarks/linear_kernels.py, docs/benchmarks.md); `SMALL_ROWS` stays at the
-    16 where one weight pass serves the whole call. The price is a second copy of the weights in memory.
+    streams each weight byte once per call for up to 16 rows and above that works in passes of 8 rows x 3
+    column tiles re-read from L2; it was ahead of oneDNN at every row count measured, 1-64 (1.14x at 64;
+    benchmarks/linear_kernels.py --rows, docs/benchmarks.md), so it serves every call up to `SMALL_ROWS`:
+    decode batches and small chunks. The price is a second copy of the weights in memory.
     """
 
-    SMALL_ROWS = 16
+    SMALL_ROWS = 64
 
     def __init__(self, linear: nn.Linear, small: bool) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-// Small-batch bf16 GEMM (decode: 1-16 rows) over a weight repacked once at load for _mm512_dpbf16_ps.
+// Small-batch bf16 GEMM (decode: 1-64 rows) over a weight repacked once at load for _mm512_dpbf16_ps.
 //
 // Packed layout (a 1-D bf16 tensor):
 //   [0, 32)   a 64-byte header: magic, layout version, N, K, Kp = ceil(K/2), number of 16-column tiles
@@ -8,7 +8,7 @@
 // The op broadcasts the pair (x[m][2p], x[m][2p+1]) as one 32-bit value, accumulates in fp32 per (row,
 // column), adds the bias in fp32 and rounds to bf16 once. Threads split the column tiles; every tile is
 // used for all rows (up to 16 at a time) while it is in registers, so each weight byte is read once per
-// call for M <= 16 (M > 16 re-reads a tile group from L1/L2 per 16 rows). dpbf16 reads bf16 denormals
+// call for M <= 16 (M > 16: passes of 8 rows x 3 tiles, the group re-read from L2 per pass). dpbf16 reads bf16 denormals
 // as zero (and flushes denormal sums), which torch's fp32 matmul does not: the only other difference
 // from the reference besides the order of the fp32 additions.
 #include "gemv_util.h"
@@ -31,6 +31,9 @@ constexpr int kMaxRows = 16;  // rows one pass over the weight serves
 #define DF_GEMV_PREFETCH_LINES 24
 #endif
 constexpr int64_t kPrefetchLines = DF_GEMV_PREFETCH_LINES;
+#ifndef DF_GEMV_PASS_ROWS
+#define DF_GEMV_PASS_ROWS 16
+#endif
 
 struct Header {
   int32_t magic, layout, n, k, kp, ntiles;
@@ -200,13 +203,16 @@ at::Tensor small_linear(const at::Tensor& x_in, const at::Tensor& packed, const 
   // cost of waking the other).
   const int64_t tile_bytes = tile_elems * 2;
   const int64_t grain = std::max<int64_t>(1, (int64_t(64) << 10) / tile_bytes);
-  const int tmax = tiles_for_rows(static_cast<int>(std::min<int64_t>(kMaxRows, rows)));
+  // Rows per pass over a tile group. Up to kPassRows the whole call is one pass (each weight byte read once
+  // from memory); above it, passes of kPassRows rows x 3 tiles (24 accumulators: 11 loads per 24 dpbf16,
+  // where 16 rows x 1 tile issue 17 loads per 16) re-read the group from L2, which is cheaper than the loads.
+  const int64_t pass_rows = rows <= DF_GEMV_PASS_ROWS ? rows : 8;
+  const int tmax = tiles_for_rows(static_cast<int>(pass_rows));
   at::parallel_for(0, ntiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t0 = begin; t0 < end; t0 += tmax) {
       const int nt = static_cast<int>(std::min<int64_t>(tmax, end - t0));
-      // More than 16 rows: the same tile group again for the next 16 (from L1/L2, not memory).
-      for (int64_t row0 = 0; row0 < rows; row0 += kMaxRows) {
-        const int mrows = static_cast<int>(std::min<int64_t>(kMaxRows, rows - row0));
+      for (int64_t row0 = 0; row0 < rows; row0 += pass_rows) {
+        const int mrows = static_cast<int>(std::min<int64_t>(pass_rows, rows - row0));
         kKernels[mrows][nt](xpd + row0 * kp, kp, wbase + t0 * tile_elems, tile_elems, bias_ptr, od + row0 * n, n,
                             t0 * kTileCols, n);
       }
