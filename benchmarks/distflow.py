@@ -12,7 +12,8 @@ buffers, then a write (push) and a read (pull) of one contiguous span on each ba
 submit to the completed handle (the peer's acknowledgement included), median of the repetitions (at
 least `--min-reps`, more for small sizes: ~1 GiB moved per cell). One more row moves 64 MiB as 4,096
 non-adjacent 16 KiB spans (KV-block shaped: nothing coalesces). Targets: shm write of 64 MiB >= 0.7x the
-memcpy of the same run; TCP loopback >= 1 GB/s.
+memcpy of the same run; TCP loopback >= 1 GB/s. Where the optional Mooncake transfer engine is installed
+(`mooncake_backend.available()`), its TCP path is measured too (`--no-mooncake` leaves it out).
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from deepflow.flow import Backend, LayoutDescriptor, TransferAgent, TransferEntry, allocate_shared
+from deepflow.flow import (
+    Backend,
+    LayoutDescriptor,
+    TransferAgent,
+    TransferEntry,
+    allocate_shared,
+    mooncake_backend,
+)
 
 MiB = 1 << 20
 LAYOUT = LayoutDescriptor(
@@ -39,10 +47,10 @@ LAYOUT = LayoutDescriptor(
 SPANS, SPAN_BYTES = 4096, 16 * 1024
 
 
-def _target(conn: Connection, size: int) -> None:
+def _target(conn: Connection, size: int, mooncake: bool) -> None:
     seg = allocate_shared(size, "bench")
     seg.array[:] = 1
-    agent = TransferAgent("target", LAYOUT)
+    agent = TransferAgent("target", LAYOUT, mooncake=mooncake)
     agent.register("dst", seg)
     conn.send(agent.address)
     conn.recv()  # until the initiator is done
@@ -65,12 +73,15 @@ def main() -> int:
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     parser.add_argument("--min-reps", type=int, default=3)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--no-mooncake", action="store_true", help="leave out the optional Mooncake path")
     args = parser.parse_args()
+    mooncake = not args.no_mooncake and mooncake_backend.available()
+    backends = [Backend.SHM, Backend.TCP] + ([Backend.MOONCAKE] if mooncake else [])
     largest = max(max(args.sizes_mib) * MiB, 2 * SPANS * SPAN_BYTES)
 
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=_target, args=(child, largest), daemon=True)
+    proc = ctx.Process(target=_target, args=(child, largest, mooncake), daemon=True)
     proc.start()
     if not conn.poll(60.0):
         raise SystemExit("the target process did not start")
@@ -80,8 +91,9 @@ def main() -> int:
     back = np.ones(largest, dtype=np.uint8)
     plain = np.ones(largest, dtype=np.uint8)
     agents = {}
-    for backend in (Backend.SHM, Backend.TCP):
-        agent = TransferAgent(f"initiator-{backend.value}", LAYOUT)
+    for backend in backends:
+        # One Mooncake engine per process: only the Mooncake initiator starts it.
+        agent = TransferAgent(f"initiator-{backend.value}", LAYOUT, mooncake=backend is Backend.MOONCAKE)
         agent.register("src", src)
         agent.register("back", back)
         peer = agent.connect(address, backend=backend)
@@ -101,7 +113,7 @@ def main() -> int:
         read = [TransferEntry("dst", 0, "back", 0, n)]
         row: dict[str, object] = {"size_mib": size_mib, "spans": 1, "reps": reps}
         row["memcpy"] = _median_gbps(lambda n=n: np.copyto(plain[:n], src[:n]), n, reps)
-        for backend in (Backend.SHM, Backend.TCP):
+        for backend in backends:
             row[f"{backend.value}_write"] = _median_gbps(move(backend, write, False), n, reps)
             row[f"{backend.value}_read"] = _median_gbps(move(backend, read, True), n, reps)
         rows.append(row)
@@ -119,7 +131,7 @@ def main() -> int:
 
     reps = max(args.min_reps, 10)
     row = {"size_mib": n // MiB, "spans": SPANS, "reps": reps, "memcpy": _median_gbps(copy_spans, n, reps)}
-    for backend in (Backend.SHM, Backend.TCP):
+    for backend in backends:
         row[f"{backend.value}_write"] = _median_gbps(move(backend, write, False), n, reps)
         row[f"{backend.value}_read"] = _median_gbps(move(backend, read, True), n, reps)
     rows.append(row)
@@ -129,7 +141,7 @@ def main() -> int:
     conn.send("done")
     proc.join(30.0)
 
-    cols = ["memcpy", "shm_write", "shm_read", "tcp_write", "tcp_read"]
+    cols = ["memcpy"] + [f"{b.value}_{op}" for b in backends for op in ("write", "read")]
     cpus = f"{os.cpu_count()} CPUs, {platform.machine()}"
     print(f"DistFlow bandwidth, GB/s (median of reps; 1 GB = 1e9 B), {cpus}")
     print(f"| size | spans | reps | {' | '.join(cols)} | shm write / memcpy |")

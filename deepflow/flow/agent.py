@@ -34,6 +34,7 @@ from typing import Any
 import msgspec
 
 from deepflow.flow import messages as m
+from deepflow.flow import mooncake_backend
 from deepflow.flow.errors import (
     FlowError,
     InvalidTransferError,
@@ -100,7 +101,10 @@ class TransferAgent:
         port: int = 0,
         on_receive: Callable[[InboundTransfer], None] | None = None,
         transfer_timeout: float = DEFAULT_TRANSFER_TIMEOUT,
+        mooncake: bool = False,
     ) -> None:
+        """`mooncake=True` also starts this process's Mooncake transfer engine (optional package; see
+        `mooncake_backend`) so links may use `Backend.MOONCAKE`; regions are registered with it too."""
         self.name = name
         self.layout = layout
         self.layout_digest = layout.digest()
@@ -108,6 +112,7 @@ class TransferAgent:
         self.host_id = host_id()
         self.transfer_timeout = transfer_timeout
         self._on_receive = on_receive
+        self._mooncake = mooncake_backend.engine(host) if mooncake else None
         self._lock = threading.Lock()
         self._regions: dict[str, MemoryRegion] = {}
         self._links: dict[str, PeerLink] = {}
@@ -128,6 +133,10 @@ class TransferAgent:
         if not isinstance(buffers, list | tuple):
             buffers = [buffers]
         region = MemoryRegion(name, buffers)
+        if self._mooncake is not None:
+            for part in region.parts:
+                if part.size:
+                    self._mooncake.register(part.ctypes.data, part.size)
         with self._lock:
             if name in self._regions:
                 raise ValueError(f"region {name!r} is already registered")
@@ -165,6 +174,7 @@ class TransferAgent:
                 layout=self.layout,
                 layout_digest=self.layout_digest,
                 regions=self.regions(),
+                mooncake_endpoint=self._mooncake.endpoint if self._mooncake else None,
             )
             sock.sendall(m.frame(hello))
             body, _ = m.recv_frame(sock)
@@ -195,7 +205,8 @@ class TransferAgent:
                 old is not None and old.state is LinkState.READY and old.info.incarnation == info.incarnation
             )
             if not (same and old.info.backend is chosen):
-                link = PeerLink(sock, info, segments)
+                mc = (self._mooncake, reply.mooncake_endpoint) if chosen is Backend.MOONCAKE else None
+                link = PeerLink(sock, info, segments, mc)  # type: ignore[arg-type]
                 self._links[info.name] = link
         if same and old.info.backend is chosen:
             sock.close()  # already linked to this incarnation: keep the link (and its pending transfers)
@@ -225,6 +236,13 @@ class TransferAgent:
     ) -> tuple[Backend, dict[str, ShmSegment]]:
         if backend is Backend.TCP:
             return Backend.TCP, {}
+        if backend is Backend.MOONCAKE:
+            if self._mooncake is None or reply.mooncake_endpoint is None:
+                side = "this agent" if self._mooncake is None else f"peer {reply.name!r}"
+                raise FlowError(
+                    f"Mooncake backend unavailable: {side} runs no Mooncake engine (mooncake=True)"
+                )
+            return Backend.MOONCAKE, {}
         why = ""
         if reply.host_id != self.host_id:
             why = f"peer is on another host ({reply.host_id})"
@@ -304,9 +322,13 @@ class TransferAgent:
         check_bounds(local_spans, {n: r.size for n, r in local_regions.items()}, f"agent {self.name!r}")
         check_bounds(remote_spans, {n: r.size for n, r in link.info.regions.items()}, f"peer {name!r}")
         local = [p for s in local_spans for p in local_regions[s.region].pieces(s.offset, s.length)]
-        remote = []
+        remote: list[Any] = []
         if link.info.backend is Backend.SHM:
             remote = [p for s in remote_spans for p in link.peer_region(s.region).pieces(s.offset, s.length)]
+        elif link.info.backend is Backend.MOONCAKE:
+            remote = [
+                p for s in remote_spans for p in link.remote_addresses(s.region).pieces(s.offset, s.length)
+            ]
         nbytes = sum(e.length for e in batch)
         handle = TransferHandle(
             transfer_id,
@@ -373,6 +395,7 @@ class TransferAgent:
                 layout=self.layout,
                 layout_digest=self.layout_digest,
                 regions=self.regions(),
+                mooncake_endpoint=self._mooncake.endpoint if self._mooncake else None,
             )
             sock.sendall(m.frame(welcome))
             sock.settimeout(None)

@@ -30,7 +30,8 @@ from deepflow.flow import messages as m
 from deepflow.flow.errors import FlowError, PeerLostError, TransferRejectedError, TransferTimeoutError
 from deepflow.flow.handle import TransferHandle, TransferOp
 from deepflow.flow.layout import LayoutDescriptor
-from deepflow.flow.regions import PeerRegion, RegionInfo
+from deepflow.flow.mooncake_backend import MooncakeEngine
+from deepflow.flow.regions import PeerRegion, RegionInfo, RemoteAddresses
 from deepflow.flow.shm import ShmSegment
 from deepflow.flow.spans import Span
 
@@ -43,6 +44,9 @@ class Backend(enum.Enum):
     AUTO = "auto"  # shared memory when the peer is on this host and its regions are in shm, else TCP
     SHM = "shm"
     TCP = "tcp"
+    MOONCAKE = (
+        "mooncake"  # optional, only when asked for: the Mooncake transfer engine (TCP), see mooncake_backend
+    )
 
 
 class LinkState(enum.Enum):
@@ -59,7 +63,7 @@ class PeerInfo:
     name: str
     incarnation: str
     address: str
-    backend: Backend  # the data path in use: SHM or TCP
+    backend: Backend  # the data path in use: SHM, TCP or MOONCAKE
     layout: LayoutDescriptor
     regions: dict[str, RegionInfo]
 
@@ -69,8 +73,30 @@ class PendingTransfer:
     handle: TransferHandle
     spans: list[Span]  # the peer's side: destinations of a write, sources of a read
     local: list[np.ndarray]  # this side's pieces: sources of a write, destinations of a read
-    remote: list[np.ndarray] = field(default_factory=list)  # the peer's pieces, mapped (shm only)
+    # The peer's pieces: mapped views (shm) or (address, length) in the peer's process (Mooncake).
+    remote: list[np.ndarray] | list[tuple[int, int]] = field(default_factory=list)
     tag: str = ""
+
+
+def paired_addresses(
+    local: list[np.ndarray], remote: list[tuple[int, int]]
+) -> tuple[list[int], list[int], list[int]]:
+    """(local addresses, remote addresses, lengths) of the chunks where both sides' pieces line up."""
+    la, ra, ns = [], [], []
+    i = j = li = rj = 0
+    while i < len(local) and j < len(remote):
+        piece, (address, size) = local[i], remote[j]
+        n = min(piece.size - li, size - rj)
+        la.append(piece.ctypes.data + li)
+        ra.append(address + rj)
+        ns.append(n)
+        li += n
+        rj += n
+        if li == piece.size:
+            i, li = i + 1, 0
+        if rj == size:
+            j, rj = j + 1, 0
+    return la, ra, ns
 
 
 def copy_pieces(dst: list[np.ndarray], src: list[np.ndarray]) -> None:
@@ -90,8 +116,18 @@ def copy_pieces(dst: list[np.ndarray], src: list[np.ndarray]) -> None:
 
 
 class PeerLink:
-    def __init__(self, sock: socket.socket, info: PeerInfo, segments: dict[str, ShmSegment]) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        info: PeerInfo,
+        segments: dict[str, ShmSegment],
+        mooncake: tuple[MooncakeEngine, str] | None = None,
+    ) -> None:
         self.info = info
+        self._mooncake = mooncake  # (this process's engine, the peer's endpoint) for Backend.MOONCAKE
+        self._remote_addresses = (
+            {name: RemoteAddresses(r) for name, r in info.regions.items()} if mooncake is not None else {}
+        )
         self._sock = sock
         self._segments = segments  # the peer's segments mapped here (shm backend), owned by this link
         self._peer_regions = (
@@ -119,6 +155,9 @@ class PeerLink:
 
     def peer_region(self, name: str) -> PeerRegion:
         return self._peer_regions[name]
+
+    def remote_addresses(self, name: str) -> RemoteAddresses:
+        return self._remote_addresses[name]
 
     def submit(self, transfer: PendingTransfer) -> None:
         with self._lock:
@@ -176,11 +215,14 @@ class PeerLink:
             h = t.handle
             request_cls = m.WriteRequest if h.op is TransferOp.WRITE else m.ReadRequest
             try:
-                if self.info.backend is Backend.SHM:
-                    if h.op is TransferOp.WRITE:
-                        copy_pieces(t.remote, t.local)
+                if self.info.backend is not Backend.TCP:  # one-sided: move the bytes here, then commit
+                    if self._mooncake is not None:
+                        engine, endpoint = self._mooncake
+                        engine.move(h.op is TransferOp.WRITE, endpoint, *paired_addresses(t.local, t.remote))  # type: ignore[arg-type]
+                    elif h.op is TransferOp.WRITE:
+                        copy_pieces(t.remote, t.local)  # type: ignore[arg-type]
                     else:
-                        copy_pieces(t.local, t.remote)
+                        copy_pieces(t.local, t.remote)  # type: ignore[arg-type]
                     req = request_cls(
                         transfer_id=h.transfer_id,
                         target_incarnation=self.info.incarnation,

@@ -37,6 +37,7 @@ class Hello(msgspec.Struct, tag="hello", kw_only=True):
     layout: LayoutDescriptor
     layout_digest: str
     regions: list[RegionInfo]
+    mooncake_endpoint: str | None = None  # this agent's Mooncake engine, when it runs one
 
 
 class Welcome(msgspec.Struct, tag="welcome", kw_only=True):
@@ -46,6 +47,7 @@ class Welcome(msgspec.Struct, tag="welcome", kw_only=True):
     layout: LayoutDescriptor
     layout_digest: str
     regions: list[RegionInfo]
+    mooncake_endpoint: str | None = None
 
 
 class Refused(msgspec.Struct, tag="refused", kw_only=True):

@@ -25,6 +25,7 @@ class RegionPart(msgspec.Struct, frozen=True, array_like=True):
     shm_name: str | None = None
     shm_offset: int = 0
     shm_size: int = 0  # the whole segment's size, to map it
+    address: int = 0  # the part's virtual address in its owner's process (for one-sided engines: Mooncake)
 
 
 class RegionInfo(msgspec.Struct, frozen=True):
@@ -82,11 +83,12 @@ class MemoryRegion:
         parts = []
         for p in self.parts:
             found = shm.registry.find(p.ctypes.data, p.size) if p.size else None
+            address = p.ctypes.data
             if found is None:
-                parts.append(RegionPart(p.size))
+                parts.append(RegionPart(p.size, address=address))
             else:
                 seg, offset = found
-                parts.append(RegionPart(p.size, seg.name, offset, seg.size))
+                parts.append(RegionPart(p.size, seg.name, offset, seg.size, address))
         return RegionInfo(self.name, self.size, parts)
 
     def pieces(self, offset: int, length: int) -> list[np.ndarray]:
@@ -131,3 +133,30 @@ class PeerRegion:
 
     def pieces(self, offset: int, length: int) -> list[np.ndarray]:
         return split(self.parts, self._starts, offset, length)
+
+
+class RemoteAddresses:
+    """A peer's region by the addresses of its parts in the peer's process: offset → (address, length)
+    pieces, for an engine that moves bytes between registered addresses (Mooncake)."""
+
+    def __init__(self, info: RegionInfo) -> None:
+        self.parts = [(p.address, p.size) for p in info.parts]
+        self._starts = []
+        total = 0
+        for _, size in self.parts:
+            self._starts.append(total)
+            total += size
+
+    def pieces(self, offset: int, length: int) -> list[tuple[int, int]]:
+        out = []
+        i = bisect.bisect(self._starts, offset) - 1
+        while length > 0:
+            address, size = self.parts[i]
+            local = offset - self._starts[i]
+            n = min(length, size - local)
+            if n > 0:
+                out.append((address + local, n))
+                offset += n
+                length -= n
+            i += 1
+        return out

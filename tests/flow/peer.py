@@ -26,11 +26,17 @@ def region_bytes(seed: int, size: int) -> np.ndarray:
 
 
 def _main(
-    conn: Connection, name: str, layout: LayoutDescriptor, regions: dict[str, list[int]], shm: bool, seed: int
+    conn: Connection,
+    name: str,
+    layout: LayoutDescriptor,
+    regions: dict[str, list[int]],
+    shm: bool,
+    seed: int,
+    mooncake: bool,
 ) -> None:
     from deepflow.flow import TransferAgent, allocate_shared
 
-    agent = TransferAgent(name, layout)
+    agent = TransferAgent(name, layout, mooncake=mooncake)
     segments = []
     views: dict[str, np.ndarray] = {}
     for i, (rname, parts) in enumerate(sorted(regions.items())):
@@ -67,10 +73,13 @@ class PeerProcess:
         regions: dict[str, list[int]],
         shm: bool = True,
         seed: int = 0,
+        mooncake: bool = False,
     ) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_main, args=(child, name, layout, regions, shm, seed), daemon=True)
+        self.proc = ctx.Process(
+            target=_main, args=(child, name, layout, regions, shm, seed, mooncake), daemon=True
+        )
         self.proc.start()
         child.close()
         status, self.address, self.incarnation, self.segments = self._reply()
