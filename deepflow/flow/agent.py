@@ -197,33 +197,53 @@ class TransferAgent:
             )
         sock.settimeout(None)
         regions = {r.name: r for r in reply.regions}
-        chosen, segments = self._choose_backend(backend, reply, regions)
+        try:
+            chosen, segments = self._choose_backend(backend, reply, regions)
+        except FlowError:
+            sock.close()
+            raise
         info = PeerInfo(reply.name, reply.incarnation, address, chosen, reply.layout, regions)
         with self._lock:
             old = self._links.get(info.name)
-            same = (
-                old is not None and old.state is LinkState.READY and old.info.incarnation == info.incarnation
+            keep = (
+                old is not None
+                and old.state is LinkState.READY
+                and old.info.incarnation == info.incarnation
+                and old.info.backend is chosen
             )
-            if not (same and old.info.backend is chosen):
+            if not keep:
                 mc = (self._mooncake, reply.mooncake_endpoint) if chosen is Backend.MOONCAKE else None
-                link = PeerLink(sock, info, segments, mc)  # type: ignore[arg-type]
-                self._links[info.name] = link
-        if same and old.info.backend is chosen:
-            sock.close()  # already linked to this incarnation: keep the link (and its pending transfers)
+                self._links[info.name] = PeerLink(sock, info, segments, mc)  # type: ignore[arg-type]
+        if keep:
+            assert old is not None
+            sock.close()  # already linked to this incarnation the same way: keep it (and its transfers)
             for seg in segments.values():
                 seg.close()
             return old.info
         if old is not None:
-            if old.info.incarnation != info.incarnation:
-                old.fail(
-                    PeerRestartedError(
-                        f"peer {info.name!r} restarted: incarnation {old.info.incarnation} replaced by "
-                        f"{info.incarnation}; transfers to the old incarnation are void"
-                    ),
-                    LinkState.STALE,
-                )
-            old.close()
+            self._void(old, info.incarnation)
         return info
+
+    def _void(self, old: PeerLink, incarnation: str) -> None:
+        """Close a link superseded by a new one to the same peer name; under a new incarnation its pending
+        transfers fail with `PeerRestartedError` (else with the plain "closed")."""
+        if old.info.incarnation != incarnation:
+            old.fail(
+                PeerRestartedError(
+                    f"peer {old.info.name!r} restarted: incarnation {old.info.incarnation} replaced by "
+                    f"{incarnation}; transfers to the old incarnation are void"
+                ),
+                LinkState.STALE,
+            )
+        old.close()
+
+    def _peer_seen(self, name: str, incarnation: str) -> None:
+        """A peer linked to us (its handshake): if we hold a link to an earlier incarnation of it, that link
+        is void now — even before we reconnect, and even if the old process hangs with its socket open."""
+        with self._lock:
+            old = self._links.get(name)
+        if old is not None and old.info.incarnation != incarnation:
+            self._void(old, incarnation)  # kept in place, failed: `transfer` to it raises its error
 
     def _mismatch(self, initiator: LayoutDescriptor, target: LayoutDescriptor, digest: str) -> str:
         """'' when compatible, else each differing field as `name: initiator's != target's`."""
@@ -397,6 +417,9 @@ class TransferAgent:
                 regions=self.regions(),
                 mooncake_endpoint=self._mooncake.endpoint if self._mooncake else None,
             )
+            self._peer_seen(
+                hello.name, hello.incarnation
+            )  # before the welcome: done when its connect returns
             sock.sendall(m.frame(welcome))
             sock.settimeout(None)
             while True:

@@ -221,6 +221,21 @@ def test_restarted_peer_voids_the_old_incarnation(local, layout, backend):
             new.close()
 
 
+def test_a_new_incarnation_linking_to_us_voids_our_link_to_the_old_one(local, layout):
+    agent, _, _ = local
+    old = TransferAgent("te-2", layout)
+    try:
+        old.register("kv", np.zeros(10, dtype=np.uint8))
+        agent.connect(old.address)
+        with TransferAgent("te-2", layout) as new:  # te-2 restarted; it links to us first
+            new.connect(agent.address)
+            assert agent.peer("te-2") is None
+            with pytest.raises(PeerRestartedError, match=new.incarnation):
+                agent.write("te-2", [TransferEntry("src", 0, "kv", 0, 1)])
+    finally:
+        old.close()
+
+
 def test_concurrent_submitters_share_one_link(local, layout):
     agent, src, _ = local
     dst = allocate_shared(1 << 20, "concurrent")
