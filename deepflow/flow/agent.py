@@ -102,8 +102,12 @@ class TransferAgent:
         on_receive: Callable[[InboundTransfer], None] | None = None,
         transfer_timeout: float = DEFAULT_TRANSFER_TIMEOUT,
         mooncake: bool = False,
+        advertise: str | None = None,
     ) -> None:
-        """`mooncake=True` also starts this process's Mooncake transfer engine (optional package; see
+        """Listens on `host`:`port` (0: a free port); `address` is what peers connect to, with `advertise`
+        as its host when given (needed when binding 0.0.0.0). `on_receive` runs on the connection's thread
+        for every transfer a peer completes here. `transfer_timeout` is the default deadline of a transfer.
+        `mooncake=True` also starts this process's Mooncake transfer engine (optional package, see
         `mooncake_backend`) so links may use `Backend.MOONCAKE`; regions are registered with it too."""
         self.name = name
         self.layout = layout
@@ -112,7 +116,7 @@ class TransferAgent:
         self.host_id = host_id()
         self.transfer_timeout = transfer_timeout
         self._on_receive = on_receive
-        self._mooncake = mooncake_backend.engine(host) if mooncake else None
+        self._mooncake = mooncake_backend.engine(advertise or host) if mooncake else None
         self._lock = threading.Lock()
         self._regions: dict[str, MemoryRegion] = {}
         self._links: dict[str, PeerLink] = {}
@@ -120,7 +124,7 @@ class TransferAgent:
         self._next_id = 1
         self._closed = False
         self._listener = socket.create_server((host, port), backlog=64)
-        self.address = f"{host}:{self._listener.getsockname()[1]}"
+        self.address = f"{advertise or host}:{self._listener.getsockname()[1]}"
         self._acceptor = threading.Thread(target=self._accept_loop, name=f"flow-accept-{name}", daemon=True)
         self._acceptor.start()
 

@@ -71,6 +71,14 @@ class KVPoolLayout(msgspec.Struct, frozen=True, kw_only=True):
     layout: LayoutDescriptor
     num_blocks: int
 
+    @classmethod
+    def for_region(cls, layout: LayoutDescriptor, size: int) -> KVPoolLayout:
+        """The pool a KV region of `size` bytes holds under `layout` (a peer's, from its `RegionInfo`)."""
+        per_block = cls(layout=layout, num_blocks=1).total_bytes
+        if size <= 0 or size % per_block:
+            raise ValueError(f"a KV region of {size} bytes is not a whole number of {per_block}-byte blocks")
+        return cls(layout=layout, num_blocks=size // per_block)
+
     @property
     def element_size(self) -> int:
         try:

@@ -100,3 +100,10 @@ def test_layer_subset_for_layer_wise_transfer(layout):
     assert spans[0][0] == pool.tensor_offset(1, 0) + pool.num_blocks * 0 + pool.block_bytes
     assert len(spans) == 2 * layout.num_kv_heads
     assert all(pool.tensor_offset(1, 0) <= o < pool.tensor_offset(2, 0) for o, _ in spans)
+
+
+def test_pool_for_a_peer_region(layout):
+    pool = KVPoolLayout(layout=layout, num_blocks=11)
+    assert KVPoolLayout.for_region(layout, pool.total_bytes) == pool
+    with pytest.raises(ValueError, match="whole number"):
+        KVPoolLayout.for_region(layout, pool.total_bytes + 2)
