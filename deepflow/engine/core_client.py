@@ -113,7 +113,7 @@ def run_core_loop(
             outputs.extend(core.step())
         events = core.cache.take_events()
         if outputs or handled or events:
-            emit(EngineCoreOutputs(outputs=outputs, stats=core.scheduler.stats(), kv_events=events))
+            emit(EngineCoreOutputs(outputs=outputs, stats=core.scheduler.step_stats(), kv_events=events))
 
 
 class EngineCoreClient(Protocol):

@@ -121,8 +121,9 @@ class Scheduler:
         return bool(self._forget or self._preempted)
 
     def stats(self) -> SchedulerStats:
+        """Gauges and counters as they are now: a pure read, any caller, any number of times. Its
+        `populate_latencies` is empty: those are drained once, by `step_stats`."""
         cache = self.cache.stats
-        latencies, cache.populate_latencies = cache.populate_latencies, []
         outstanding = sum(
             max(r.num_tokens - r.num_computed_tokens, 0) + max(r.max_tokens - r.num_output_tokens, 0)
             for r in self.requests.values()
@@ -138,9 +139,22 @@ class Scheduler:
             prefix_cache_host_hits_total=cache.host_hit_tokens,
             kv_blocks_evicted_total=cache.device_evicted_blocks,
             host_blocks_evicted_total=cache.host_evicted_blocks,
-            populate_latencies=latencies,
             pinned_context_tokens=self.cache.pinned_context_tokens(),
         )
+
+    def take_populate_latencies(self) -> list[float]:
+        """The populate latencies measured since the last call (drained: each is reported once)."""
+        cache = self.cache.stats
+        latencies, cache.populate_latencies = cache.populate_latencies, []
+        return latencies
+
+    def step_stats(self) -> SchedulerStats:
+        """`stats()` with the populate latencies since the last call: what the engine loop sends with each
+        step's outputs (the front end's metrics observe each latency once). The loop is its one caller;
+        heartbeats and snapshots read `stats()`."""
+        stats = self.stats()
+        stats.populate_latencies = self.take_populate_latencies()
+        return stats
 
     # ---- explicit contexts and cache admin --------------------------------------------------------------
     def release_context(self, context_id: str) -> bool:
