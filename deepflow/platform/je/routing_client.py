@@ -54,6 +54,8 @@ from deepflow.platform.je.policies import (
     Reason,
     RoutingRequest,
     TELoad,
+    estimated_load,
+    routed_tokens,
 )
 from deepflow.platform.jobs import TERMINAL, Job, JobTracker, State, Task
 
@@ -71,15 +73,8 @@ class _TE:
     draining: bool = False  # scaled down: finishes its requests, gets no new ones
 
     def load(self) -> TELoad:
-        s = self.stats
-        return TELoad(
-            te_id=self.te_id,
-            num_running=s.num_running if s else 0,
-            num_waiting=(s.num_waiting if s else 0) + (1 if self.routed_tokens else 0),
-            outstanding_tokens=(s.outstanding_tokens if s else 0) + self.routed_tokens,
-            kv_usage=s.kv_cache_usage if s else 0.0,
-            healthy=not self.dead and not self.draining and self.client.is_alive(),
-        )
+        healthy = not self.dead and not self.draining and self.client.is_alive()
+        return estimated_load(self.te_id, self.stats, self.routed_tokens, healthy)
 
 
 class RoutingCoreClient:
@@ -267,8 +262,9 @@ class RoutingCoreClient:
         self._owner[request.request_id] = te
         te.requests.add(request.request_id)
         # Work owed until the TE's next report: what it will not find cached, plus the outputs.
-        uncached = max(1, len(request.prompt_token_ids) - decision.matched_tokens)
-        te.routed_tokens += uncached + (request.sampling_params.max_tokens or 0)
+        te.routed_tokens += routed_tokens(
+            len(request.prompt_token_ids), decision.matched_tokens, request.sampling_params.max_tokens
+        )
         if request.create_context is not None:
             self._context_owner[request.create_context.context_id] = te
             if self.contexts is not None:

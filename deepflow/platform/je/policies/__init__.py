@@ -8,6 +8,7 @@ TEs' caches through their `KVEvent`s.
 from __future__ import annotations
 
 from deepflow.platform.je.policies.combined import Combined
+from deepflow.platform.je.policies.estimate import estimated_load, routed_tokens
 from deepflow.platform.je.policies.load import LeastLoad, RoundRobin, load_key
 from deepflow.platform.je.policies.locality import LocalityAware
 from deepflow.platform.je.policies.prompt_tree import (
@@ -53,9 +54,11 @@ __all__ = [
     "RoundRobin",
     "RoutingRequest",
     "TELoad",
+    "estimated_load",
     "hash_blocks",
     "iter_block_hashes",
     "load_key",
     "make_policy",
     "root_hash",
+    "routed_tokens",
 ]
