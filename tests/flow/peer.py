@@ -65,6 +65,15 @@ def _main(
             return
 
 
+def orphan_segment(conn: Connection) -> None:
+    """Allocate a segment, say its name, and wait to be killed without closing it (a crash)."""
+    from deepflow.flow import allocate_shared
+
+    seg = allocate_shared(4096, "orphan")
+    conn.send(seg.name)
+    conn.recv()
+
+
 class PeerProcess:
     def __init__(
         self,
