@@ -162,7 +162,8 @@ class TransferAgent:
     ) -> PeerInfo:
         """Link to the agent at `address` (host:port). Raises `LayoutMismatchError` if either side finds the
         layouts incompatible, `PeerLostError` if it cannot be reached within `timeout`. A peer already
-        linked under the same incarnation keeps its link; a new incarnation voids the old one."""
+        linked under the same incarnation and backend keeps its link; another backend replaces it (its
+        pending transfers fail); a new incarnation voids the old link (`PeerRestartedError`)."""
         host, port = _split_address(address)
         try:
             sock = socket.create_connection((host, port), timeout=timeout)

@@ -154,10 +154,16 @@ class PeerLink:
         return self._error
 
     def peer_region(self, name: str) -> PeerRegion:
-        return self._peer_regions[name]
+        region = self._peer_regions.get(name)
+        if region is None:  # dropped by a failure since the caller checked the state
+            raise self._error or PeerLostError(f"peer {self.info.name!r} has no region {name!r}")
+        return region
 
     def remote_addresses(self, name: str) -> RemoteAddresses:
-        return self._remote_addresses[name]
+        region = self._remote_addresses.get(name)
+        if region is None:
+            raise self._error or PeerLostError(f"peer {self.info.name!r} has no region {name!r}")
+        return region
 
     def submit(self, transfer: PendingTransfer) -> None:
         with self._lock:
@@ -182,6 +188,16 @@ class PeerLink:
         for t in pending:
             t.handle._complete(error)
         self._queue.put(None)
+        self._release_mappings()
+
+    def _release_mappings(self) -> None:
+        """Unmap the peer's segments (a dead peer's pages are freed once swept). A copy still running on
+        the sender holds views, which keep the mapping alive (`ShmSegment.close` will not unmap under
+        them): it finishes harmlessly and the mapping goes with its last view."""
+        self._peer_regions = {}
+        segments, self._segments = self._segments, {}
+        for seg in segments.values():
+            seg.close()
 
     def expire(self, handle: TransferHandle) -> None:
         """A transfer passed its deadline: the peer stopped answering, so the link goes with it."""
@@ -198,10 +214,7 @@ class PeerLink:
             if t is not threading.current_thread():
                 t.join(timeout)
         self._sock.close()
-        self._peer_regions.clear()
-        for seg in self._segments.values():
-            seg.close()
-        self._segments.clear()
+        self._release_mappings()
 
     # -- sender ------------------------------------------------------------------------------------------
 
