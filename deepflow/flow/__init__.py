@@ -8,7 +8,7 @@ copy straight into it) and TCP across hosts. `kv_block_spans` / `kv_block_entrie
 spans; the data plane itself knows nothing about blocks.
 """
 
-from deepflow.flow.agent import InboundTransfer, TransferAgent
+from deepflow.flow.agent import TransferAgent
 from deepflow.flow.errors import (
     FlowError,
     InvalidTransferError,
@@ -24,6 +24,7 @@ from deepflow.flow.link import Backend, LinkState, PeerInfo
 from deepflow.flow.regions import RegionInfo, RegionPart
 from deepflow.flow.shm import SharedKVPool, ShmSegment, allocate_kv_pool, allocate_shared, sweep_orphans
 from deepflow.flow.spans import Span, TransferEntry, coalesce
+from deepflow.flow.target import InboundTransfer
 
 __all__ = [
     "Backend",

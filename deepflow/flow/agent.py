@@ -21,14 +21,12 @@ region announcement); the target side checks every request against its current r
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -37,7 +35,6 @@ from deepflow.flow import messages as m
 from deepflow.flow import mooncake_backend
 from deepflow.flow.errors import (
     FlowError,
-    InvalidTransferError,
     LayoutMismatchError,
     PeerLostError,
     PeerRestartedError,
@@ -47,13 +44,12 @@ from deepflow.flow.layout import LayoutDescriptor
 from deepflow.flow.link import Backend, LinkState, PeerInfo, PeerLink, PendingTransfer
 from deepflow.flow.regions import MemoryRegion, RegionInfo
 from deepflow.flow.shm import ShmSegment
-from deepflow.flow.spans import Span, TransferEntry, check_bounds, coalesce, dst_spans, src_spans
+from deepflow.flow.spans import TransferEntry, check_bounds, coalesce, dst_spans, src_spans
+from deepflow.flow.target import HANDSHAKE_TIMEOUT, InboundTransfer, Target, TargetHooks, tune
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRANSFER_TIMEOUT = 30.0  # a transfer's deadline unless the caller gives one
-HANDSHAKE_TIMEOUT = 10.0
-_SOCKET_BUFFER = 4 << 20
 
 
 def host_id() -> str:
@@ -64,25 +60,6 @@ def host_id() -> str:
     except OSError:
         boot = ""
     return f"{socket.gethostname()}/{boot}"
-
-
-@dataclass(frozen=True)
-class InboundTransfer:
-    """A transfer a peer completed against this agent's regions, as `on_receive` sees it (before the
-    acknowledgement is sent: when the peer's handle is done, the callback has run)."""
-
-    peer: str
-    peer_incarnation: str
-    op: TransferOp
-    spans: list[Span]
-    tag: str
-
-
-def _tune(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
 
 
 def _split_address(address: str) -> tuple[str, int]:
@@ -115,18 +92,23 @@ class TransferAgent:
         self.incarnation = secrets.token_hex(8)
         self.host_id = host_id()
         self.transfer_timeout = transfer_timeout
-        self._on_receive = on_receive
         self._mooncake = mooncake_backend.engine(advertise or host) if mooncake else None
         self._lock = threading.Lock()
         self._regions: dict[str, MemoryRegion] = {}
         self._links: dict[str, PeerLink] = {}
-        self._inbound: set[socket.socket] = set()
         self._next_id = 1
         self._closed = False
-        self._listener = socket.create_server((host, port), backlog=64)
-        self.address = f"{advertise or host}:{self._listener.getsockname()[1]}"
-        self._acceptor = threading.Thread(target=self._accept_loop, name=f"flow-accept-{name}", daemon=True)
-        self._acceptor.start()
+        hooks = TargetHooks(
+            name=name,
+            incarnation=self.incarnation,
+            refusal=self._refusal,
+            welcome=self._welcome,
+            peer_seen=self._peer_seen,
+            regions=self._region_map,
+            on_receive=on_receive,
+        )
+        self._target = Target(hooks, host, port)
+        self.address = f"{advertise or host}:{self._target.port}"
 
     # -- regions -----------------------------------------------------------------------------------------
 
@@ -170,7 +152,7 @@ class TransferAgent:
         except OSError as e:
             raise PeerLostError(f"cannot reach a DistFlow agent at {address}: {e}") from e
         try:
-            _tune(sock)
+            tune(sock)
             hello = m.Hello(
                 protocol=m.PROTOCOL_VERSION,
                 name=self.name,
@@ -307,6 +289,30 @@ class TransferAgent:
         if link is not None:
             link.close()
 
+    # -- what the target side asks ------------------------------------------------------------------------
+
+    def _refusal(self, hello: m.Hello) -> str:
+        if hello.protocol != m.PROTOCOL_VERSION:
+            return f"protocol {hello.protocol} != {m.PROTOCOL_VERSION}"
+        if mismatch := self._mismatch(hello.layout, self.layout, hello.layout_digest):
+            return f"layout mismatch (initiator {hello.name!r} != target {self.name!r}): {mismatch}"
+        return ""
+
+    def _welcome(self) -> m.Welcome:
+        return m.Welcome(
+            name=self.name,
+            incarnation=self.incarnation,
+            host_id=self.host_id,
+            layout=self.layout,
+            layout_digest=self.layout_digest,
+            regions=self.regions(),
+            mooncake_endpoint=self._mooncake.endpoint if self._mooncake else None,
+        )
+
+    def _region_map(self) -> dict[str, MemoryRegion]:
+        with self._lock:
+            return dict(self._regions)
+
     # -- data plane --------------------------------------------------------------------------------------
 
     def transfer(
@@ -376,113 +382,6 @@ class TransferAgent:
     def read(self, peer: str | PeerInfo, entries: Iterable[TransferEntry], **kw: Any) -> TransferHandle:
         return self.transfer(peer, entries, TransferOp.READ, **kw)
 
-    # -- target side -------------------------------------------------------------------------------------
-
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                return  # listener closed
-            _tune(sock)
-            with self._lock:
-                if self._closed:
-                    sock.close()
-                    return
-                self._inbound.add(sock)
-            threading.Thread(
-                target=self._serve, args=(sock,), name=f"flow-serve-{self.name}", daemon=True
-            ).start()
-
-    def _serve(self, sock: socket.socket) -> None:
-        """One initiator's connection: the handshake, then its requests in order until it closes."""
-        peer = "?"
-        try:
-            sock.settimeout(HANDSHAKE_TIMEOUT)
-            body, _ = m.recv_frame(sock)
-            hello = m.request_decoder.decode(body)
-            if not isinstance(hello, m.Hello):
-                return
-            peer = f"{hello.name!r} (incarnation {hello.incarnation})"
-            reason = ""
-            if hello.protocol != m.PROTOCOL_VERSION:
-                reason = f"protocol {hello.protocol} != {m.PROTOCOL_VERSION}"
-            elif mismatch := self._mismatch(hello.layout, self.layout, hello.layout_digest):
-                reason = f"layout mismatch (initiator {hello.name!r} != target {self.name!r}): {mismatch}"
-            if reason:
-                log.warning("refusing DistFlow peer %s: %s", peer, reason)
-                sock.sendall(m.frame(m.Refused(name=self.name, incarnation=self.incarnation, reason=reason)))
-                return
-            welcome = m.Welcome(
-                name=self.name,
-                incarnation=self.incarnation,
-                host_id=self.host_id,
-                layout=self.layout,
-                layout_digest=self.layout_digest,
-                regions=self.regions(),
-                mooncake_endpoint=self._mooncake.endpoint if self._mooncake else None,
-            )
-            self._peer_seen(
-                hello.name, hello.incarnation
-            )  # before the welcome: done when its connect returns
-            sock.sendall(m.frame(welcome))
-            sock.settimeout(None)
-            while True:
-                body, payload_len = m.recv_frame(sock)
-                req = m.request_decoder.decode(body)
-                if isinstance(req, m.WriteRequest | m.ReadRequest):
-                    self._handle(sock, hello, req, payload_len)
-                else:
-                    raise ConnectionError(f"unexpected {type(req).__name__} after the handshake")
-        except (OSError, ConnectionError, msgspec.DecodeError) as e:
-            log.debug("DistFlow connection from %s ended: %s", peer, e)
-        finally:
-            with self._lock:
-                self._inbound.discard(sock)
-            sock.close()
-
-    def _handle(
-        self, sock: socket.socket, hello: m.Hello, req: m.WriteRequest | m.ReadRequest, payload_len: int
-    ) -> None:
-        write = isinstance(req, m.WriteRequest)
-        nbytes = sum(s.length for s in req.spans)
-        with self._lock:
-            regions = dict(self._regions)
-        error = None
-        if req.target_incarnation != self.incarnation:
-            error = f"addressed to incarnation {req.target_incarnation}, this is {self.incarnation}"
-        else:
-            try:
-                check_bounds(req.spans, {n: r.size for n, r in regions.items()}, f"agent {self.name!r}")
-            except InvalidTransferError as e:
-                error = str(e)
-        expected = nbytes if write and not req.in_place else 0
-        if error is None and payload_len != expected:
-            error = f"payload of {payload_len} bytes for {expected}"
-        if error is not None:
-            m.drain(sock, payload_len)
-            sock.sendall(m.frame(m.Ack(transfer_id=req.transfer_id, error=error)))
-            return
-        # In place (shm), the initiator already copied: only a TCP payload needs this side's pieces.
-        pieces = (
-            []
-            if req.in_place
-            else [p for s in req.spans for p in regions[s.region].pieces(s.offset, s.length)]
-        )
-        if write and not req.in_place:
-            m.recv_buffers(sock, m.views(pieces))
-        if self._on_receive is not None:
-            try:
-                op = TransferOp.WRITE if write else TransferOp.READ
-                self._on_receive(InboundTransfer(hello.name, hello.incarnation, op, req.spans, req.tag))
-            except Exception as e:
-                log.exception("on_receive failed")
-                error = f"receiver callback failed: {e}"
-        if write or req.in_place or error is not None:
-            sock.sendall(m.frame(m.Ack(transfer_id=req.transfer_id, error=error)))
-        else:
-            m.send_buffers(sock, [m.frame(m.Ack(transfer_id=req.transfer_id), nbytes), *m.views(pieces)])
-
     # -- lifetime ----------------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -494,16 +393,9 @@ class TransferAgent:
             self._closed = True
             links = list(self._links.values())
             self._links.clear()
-            inbound = list(self._inbound)
         for link in links:
             link.close()
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        for sock in inbound:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        self._acceptor.join(5.0)
+        self._target.close()
 
     def __enter__(self) -> TransferAgent:
         return self
