@@ -8,9 +8,10 @@ A target process (spawned) registers one region in shared memory, sized for the 
 process (the initiator) has two agents linked to it, one over shared memory and one over TCP loopback
 (their data paths differ; the target is the same), and a private source and read-back buffer, all
 pre-faulted. For every size: a plain memcpy (`numpy.copyto`) of the same bytes between two private
-buffers, then a write (push) and a read (pull) of one contiguous span on each backend; each measured from
+buffers, and a write (push) and a read (pull) of one contiguous span on each backend; each measured from
 submit to the completed handle (the peer's acknowledgement included), median of the repetitions (at
-least `--min-reps`, more for small sizes: ~1 GiB moved per cell). One more row moves 64 MiB as 4,096
+least `--min-reps`, more for small sizes: ~1 GiB moved per cell), the cells taking turns repetition by
+repetition (the machine is shared: load bursts then hit all of them). One more row moves 64 MiB as 4,096
 non-adjacent 16 KiB spans (KV-block shaped: nothing coalesces). Targets: shm write of 64 MiB >= 0.7x the
 memcpy of the same run; TCP loopback >= 1 GB/s. Where the optional Mooncake transfer engine is installed
 (`mooncake_backend.available()`), its TCP path is measured too (`--no-mooncake` leaves it out).
@@ -58,14 +59,18 @@ def _target(conn: Connection, size: int, mooncake: bool) -> None:
     seg.close()
 
 
-def _median_gbps(fn: Callable[[], None], nbytes: int, reps: int) -> tuple[float, float]:
-    fn()  # warm-up (first touch of mappings, socket buffers)
-    times = []
+def _measure(cells: dict[str, Callable[[], None]], nbytes: int, reps: int) -> dict[str, tuple[float, float]]:
+    """(median, best) GB/s of each cell. The cells take turns, one repetition each, so a burst of other
+    load on the shared machine hits memcpy and the transfers alike and their ratio stays meaningful."""
+    for fn in cells.values():
+        fn()  # warm-up (first touch of mappings, socket buffers)
+    times: dict[str, list[float]] = {name: [] for name in cells}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times) / 1e9, nbytes / min(times) / 1e9
+        for name, fn in cells.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (nbytes / statistics.median(t) / 1e9, nbytes / min(t) / 1e9) for name, t in times.items()}
 
 
 def main() -> int:
@@ -111,12 +116,11 @@ def main() -> int:
         reps = max(args.min_reps, min(100, (1 << 30) // n))
         write = [TransferEntry("src", 0, "dst", 0, n)]
         read = [TransferEntry("dst", 0, "back", 0, n)]
-        row: dict[str, object] = {"size_mib": size_mib, "spans": 1, "reps": reps}
-        row["memcpy"] = _median_gbps(lambda n=n: np.copyto(plain[:n], src[:n]), n, reps)
+        cells: dict[str, Callable[[], None]] = {"memcpy": lambda n=n: np.copyto(plain[:n], src[:n])}
         for backend in backends:
-            row[f"{backend.value}_write"] = _median_gbps(move(backend, write, False), n, reps)
-            row[f"{backend.value}_read"] = _median_gbps(move(backend, read, True), n, reps)
-        rows.append(row)
+            cells[f"{backend.value}_write"] = move(backend, write, False)
+            cells[f"{backend.value}_read"] = move(backend, read, True)
+        rows.append({"size_mib": size_mib, "spans": 1, "reps": reps, **_measure(cells, n, reps)})
 
     # KV-block shaped: 4,096 spans of 16 KiB at a 32 KiB stride (no two adjacent), 64 MiB in all.
     n = SPANS * SPAN_BYTES
@@ -130,11 +134,11 @@ def main() -> int:
             np.copyto(plain[a:b], src[a:b])
 
     reps = max(args.min_reps, 10)
-    row = {"size_mib": n // MiB, "spans": SPANS, "reps": reps, "memcpy": _median_gbps(copy_spans, n, reps)}
+    cells = {"memcpy": copy_spans}
     for backend in backends:
-        row[f"{backend.value}_write"] = _median_gbps(move(backend, write, False), n, reps)
-        row[f"{backend.value}_read"] = _median_gbps(move(backend, read, True), n, reps)
-    rows.append(row)
+        cells[f"{backend.value}_write"] = move(backend, write, False)
+        cells[f"{backend.value}_read"] = move(backend, read, True)
+    rows.append({"size_mib": n // MiB, "spans": SPANS, "reps": reps, **_measure(cells, n, reps)})
 
     for agent in agents.values():
         agent.close()
