@@ -146,7 +146,8 @@ def main() -> int:
     proc.join(30.0)
 
     cols = ["memcpy"] + [f"{b.value}_{op}" for b in backends for op in ("write", "read")]
-    cpus = f"{os.cpu_count()} CPUs, {platform.machine()}"
+    load = os.getloadavg()[0]
+    cpus = f"{os.cpu_count()} CPUs, {platform.machine()}, load average {load:.1f} at the end"
     print(f"DistFlow bandwidth, GB/s (median of reps; 1 GB = 1e9 B), {cpus}")
     print(f"| size | spans | reps | {' | '.join(cols)} | shm write / memcpy |")
     print("|---:|---:|---:|" + "---:|" * len(cols) + "---:|")
@@ -172,6 +173,7 @@ def main() -> int:
             "benchmark": "distflow",
             "argv": sys.argv,
             "cpus": os.cpu_count(),
+            "load_average_1min": load,
             "columns": {c: "GB/s [median, best]" for c in cols},
             "rows": rows,
             "checks": checks,

@@ -26,6 +26,7 @@ from deepflow.flow import (
     allocate_shared,
     shm,
     sweep_orphans,
+    wait_all,
 )
 from tests.flow.peer import PeerProcess
 
@@ -146,9 +147,10 @@ def test_on_receive_runs_before_the_acknowledgement(local, layout):
     dst = np.zeros(4096, dtype=np.uint8)
     with TransferAgent("target", layout, on_receive=seen.append) as target:
         target.register("kv", dst)
-        agent.write(
-            agent.connect(target.address), [TransferEntry("src", 10, "kv", 0, 4096)], tag="req-1"
-        ).wait(WAIT)
+        peer = agent.connect(target.address)
+        h = agent.write(peer, [TransferEntry("src", 10, "kv", 0, 4096)], tag="req-1")
+        h.wait(WAIT)
+        assert h.done() and h.poll() is TransferState.DONE and h.error is None
         assert np.array_equal(dst, src[10:4106])
         assert len(seen) == 1
         assert seen[0].peer == "initiator" and seen[0].tag == "req-1"
@@ -258,7 +260,11 @@ def test_concurrent_submitters_share_one_link(local, layout):
                 t.start()
             for t in threads:
                 t.join(WAIT)
+            # Many in flight at once, completed in order on the one link.
+            handles = [agent.write(peer, [TransferEntry("src", i, "kv", 500_000 + i, 1)]) for i in range(64)]
+            wait_all(handles, WAIT)
         assert not errors
+        assert np.array_equal(dst.array[500_000:500_064], src[:64])
         assert np.array_equal(dst.array[: 32 * 4096], src[: 32 * 4096])
     finally:
         dst.close()
