@@ -15,7 +15,6 @@ from deepflow.flow import (
     InvalidTransferError,
     LayoutDescriptor,
     LayoutMismatchError,
-    LinkState,
     PeerLostError,
     PeerRestartedError,
     TransferAgent,
@@ -278,7 +277,10 @@ def test_close_fails_pending_and_later_transfers(local, layout):
         agent.disconnect("target")
         with pytest.raises(PeerLostError, match="no link"):
             agent.write(peer, [TransferEntry("src", 0, "kv", 0, 1)])
-        assert LinkState.CLOSED.value == "closed"
+        assert agent.peer("target") is None
+        again = agent.connect(target.address)  # a fresh link to the same incarnation
+        assert again.incarnation == peer.incarnation
+        agent.write(again, [TransferEntry("src", 0, "kv", 0, 10)]).wait(WAIT)
 
 
 def test_connect_to_nobody_raises(layout):
