@@ -97,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     # Each subsystem registers its own subcommands (they import their heavy modules lazily).
     from deepflow.api.cli import register as register_serve
     from deepflow.bench.cli import register as register_bench
+    from deepflow.sim.cli import register as register_sim
 
     register_serve(sub)
     register_bench(sub)
+    register_sim(sub)
     return parser
 
 
