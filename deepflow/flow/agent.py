@@ -250,19 +250,22 @@ class TransferAgent:
                     f"Mooncake backend unavailable: {side} runs no Mooncake engine (mooncake=True)"
                 )
             return Backend.MOONCAKE, {}
+        # Shared memory: every region in it is reached in place; under AUTO the others (and everything,
+        # when no region is in shm or the peer is elsewhere) go over TCP on the same link.
+        shm_regions = [r for r in regions.values() if r.in_shm]
         why = ""
         if reply.host_id != self.host_id:
             why = f"peer is on another host ({reply.host_id})"
-        elif not regions:
-            why = "peer registered no regions"
-        elif not all(r.in_shm for r in regions.values()):
+        elif not shm_regions:
+            why = "no peer region is in shared memory"
+        elif backend is Backend.SHM and len(shm_regions) < len(regions):
             why = (
                 f"peer regions not in shared memory: {sorted(n for n, r in regions.items() if not r.in_shm)}"
             )
         segments: dict[str, ShmSegment] = {}
         if not why:
             try:
-                for r in regions.values():
+                for r in shm_regions:
                     for p in r.parts:
                         if p.shm_name is not None and p.shm_name not in segments:
                             segments[p.shm_name] = ShmSegment.attach(p.shm_name, p.shm_size)
@@ -353,13 +356,16 @@ class TransferAgent:
         check_bounds(local_spans, {n: r.size for n, r in local_regions.items()}, f"agent {self.name!r}")
         check_bounds(remote_spans, {n: r.size for n, r in link.info.regions.items()}, f"peer {name!r}")
         local = [p for s in local_spans for p in local_regions[s.region].pieces(s.offset, s.length)]
+        # In place when the bytes can be moved from here (the peer's region mapped, or Mooncake); else
+        # they travel on the link's socket (TCP, or an unmapped region of a shm peer).
         remote: list[Any] = []
-        if link.info.backend is Backend.SHM:
-            remote = [p for s in remote_spans for p in link.peer_region(s.region).pieces(s.offset, s.length)]
-        elif link.info.backend is Backend.MOONCAKE:
+        if link.info.backend is Backend.MOONCAKE:
             remote = [
                 p for s in remote_spans for p in link.remote_addresses(s.region).pieces(s.offset, s.length)
             ]
+        elif link.info.backend is Backend.SHM and all(link.mapped(s.region) for s in remote_spans):
+            remote = [p for s in remote_spans for p in link.peer_region(s.region).pieces(s.offset, s.length)]
+        in_place = bool(remote)
         nbytes = sum(e.length for e in batch)
         handle = TransferHandle(
             transfer_id,
@@ -373,7 +379,7 @@ class TransferAgent:
         if not batch:
             handle._complete()
             return handle
-        link.submit(PendingTransfer(handle, remote_spans, local, remote, tag))
+        link.submit(PendingTransfer(handle, remote_spans, local, in_place, remote, tag))
         return handle
 
     def write(self, peer: str | PeerInfo, entries: Iterable[TransferEntry], **kw: Any) -> TransferHandle:

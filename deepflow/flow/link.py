@@ -42,7 +42,7 @@ _WATCH_INTERVAL = 0.25  # how often an idle reader looks at the pending deadline
 
 class Backend(enum.Enum):
     AUTO = "auto"  # shared memory when the peer is on this host and its regions are in shm, else TCP
-    SHM = "shm"
+    SHM = "shm"  # same host: regions in shared memory reached in place (under AUTO, the others over TCP)
     TCP = "tcp"
     MOONCAKE = (
         "mooncake"  # optional, only when asked for: the Mooncake transfer engine (TCP), see mooncake_backend
@@ -73,6 +73,7 @@ class PendingTransfer:
     handle: TransferHandle
     spans: list[Span]  # the peer's side: destinations of a write, sources of a read
     local: list[np.ndarray]  # this side's pieces: sources of a write, destinations of a read
+    in_place: bool  # moved by this side (shm copy, Mooncake), then committed; else sent over TCP
     # The peer's pieces: mapped views (shm) or (address, length) in the peer's process (Mooncake).
     remote: list[np.ndarray] | list[tuple[int, int]] = field(default_factory=list)
     tag: str = ""
@@ -131,7 +132,7 @@ class PeerLink:
         self._sock = sock
         self._segments = segments  # the peer's segments mapped here (shm backend), owned by this link
         self._peer_regions = (
-            {name: PeerRegion(r, segments) for name, r in info.regions.items()}
+            {name: PeerRegion(r, segments) for name, r in info.regions.items() if r.in_shm}
             if info.backend is Backend.SHM
             else {}
         )
@@ -152,6 +153,10 @@ class PeerLink:
     @property
     def error(self) -> FlowError | None:
         return self._error
+
+    def mapped(self, name: str) -> bool:
+        """Whether the peer's region `name` is mapped here (reached in place over shared memory)."""
+        return name in self._peer_regions
 
     def peer_region(self, name: str) -> PeerRegion:
         region = self._peer_regions.get(name)
@@ -228,7 +233,7 @@ class PeerLink:
             h = t.handle
             request_cls = m.WriteRequest if h.op is TransferOp.WRITE else m.ReadRequest
             try:
-                if self.info.backend is not Backend.TCP:  # one-sided: move the bytes here, then commit
+                if t.in_place:  # one-sided: move the bytes here, then commit
                     if self._mooncake is not None:
                         engine, endpoint = self._mooncake
                         engine.move(h.op is TransferOp.WRITE, endpoint, *paired_addresses(t.local, t.remote))  # type: ignore[arg-type]

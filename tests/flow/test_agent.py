@@ -11,6 +11,7 @@ import pytest
 
 from deepflow.flow import (
     Backend,
+    FlowError,
     InboundTransfer,
     InvalidTransferError,
     LayoutDescriptor,
@@ -97,10 +98,35 @@ def test_auto_picks_shm_on_one_host_and_tcp_for_private_memory(local, layout):
         try:
             assert agent.connect(proc.address).backend is expected
             if not in_shm:
-                with pytest.raises(Exception, match="not in shared memory"):
+                with pytest.raises(FlowError, match="no peer region is in shared memory"):
                     agent.connect(proc.address, backend=Backend.SHM)
         finally:
             proc.close()
+
+
+def test_shm_peer_with_a_private_region_reaches_it_over_tcp(local, layout):
+    """AUTO links a same-host peer over shared memory even when only some of its regions are in it: those
+    are written in place, the others (and a batch touching both) over the link's socket."""
+    agent, src, _ = local
+    seg = allocate_shared(1 << 16, "mixed")
+    private = np.zeros(1 << 16, dtype=np.uint8)
+    try:
+        with TransferAgent("mixed", layout) as target:
+            target.register("kv", seg)
+            target.register("w", private)
+            peer = agent.connect(target.address)
+            assert peer.backend is Backend.SHM
+            agent.write(peer, [TransferEntry("src", 0, "kv", 0, 1000)]).wait(WAIT)
+            agent.write(peer, [TransferEntry("src", 1000, "w", 0, 1000)]).wait(WAIT)
+            both = [TransferEntry("src", 2000, "kv", 1000, 500), TransferEntry("src", 2500, "w", 1000, 500)]
+            agent.write(peer, both).wait(WAIT)
+            assert np.array_equal(seg.array[:1500], np.concatenate([src[:1000], src[2000:2500]]))
+            assert np.array_equal(private[:1500], np.concatenate([src[1000:2000], src[2500:3000]]))
+            agent.disconnect("mixed")
+            with pytest.raises(FlowError, match=r"not in shared memory: \['w'\]"):
+                agent.connect(target.address, backend=Backend.SHM)
+    finally:
+        seg.close()
 
 
 def test_layout_mismatch_is_refused_naming_the_fields(layout):
