@@ -1,11 +1,13 @@
 """The initiator's side of one peer connection: a `PeerLink` moves this agent's transfers to one peer
-incarnation, over one of two data paths behind the same request/acknowledge protocol:
+incarnation, over data paths behind the same request/acknowledge protocol:
 
 - TCP: the source bytes follow the request on the socket (gathered writes of the region's own memory); the
   peer reads them straight into its region and acknowledges. A read is the mirror image.
-- shared memory (same host): the peer's segments are mapped here and the bytes copied directly (one
-  memcpy per coalesced entry piece, no pickling); the request then only asks the peer to validate and
-  acknowledge, which also proves it is still the incarnation the bytes were meant for.
+- in place, shared memory (same host): the peer's segments are mapped here and the bytes copied directly
+  (one memcpy per coalesced entry piece, no pickling); the request then only asks the peer to validate and
+  acknowledge, which also proves it is still the incarnation the bytes were meant for. A batch naming a
+  peer region that is not in shared memory takes the TCP path of the same link.
+- in place, Mooncake (optional, `mooncake_backend`): its engine moves the bytes, then the same commit.
 
 Two threads per link: the sender takes submitted transfers in order (copies or sends them), the reader
 takes acknowledgements (and read payloads) and completes the handles. A link fails once — connection lost,
