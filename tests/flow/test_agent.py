@@ -204,6 +204,17 @@ def test_hung_peer_bounded_wait_raises_then_deadline_fails_the_link(local, layou
     assert shm.list_segments(proc.pid) == []
 
 
+def test_connect_to_a_hung_peer_is_bounded(layout):
+    proc = PeerProcess("frozen", layout, {"kv": [4096]})
+    try:
+        proc.stop()  # the kernel still accepts the connection; the handshake never gets an answer
+        with TransferAgent("a", layout) as agent, pytest.raises(PeerLostError, match="handshake"):
+            agent.connect(proc.address, timeout=0.5)
+    finally:
+        proc.kill()
+    sweep_orphans()
+
+
 @pytest.mark.parametrize("backend", [Backend.TCP, Backend.SHM])
 def test_killed_peer_fails_in_flight_transfers(local, layout, backend):
     agent, _, _ = local
