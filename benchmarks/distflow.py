@@ -164,12 +164,15 @@ def main() -> int:
     load = os.getloadavg()[0]
     cpus = f"{os.cpu_count()} CPUs, {platform.machine()}, load average {load:.1f} at the end"
     print(f"DistFlow bandwidth, GB/s (median of reps; 1 GB = 1e9 B), {cpus}")
-    print(f"| size | spans | reps | {' | '.join(cols)} | shm write / memcpy |")
-    print("|---:|---:|---:|" + "---:|" * len(cols) + "---:|")
+    print(f"| size | spans | reps | {' | '.join(cols)} | shm write / memcpy | shm write / memcpy_to_shm |")
+    print("|---:|---:|---:|" + "---:|" * len(cols) + "---:|---:|")
     for r in rows:
         cells = " | ".join(f"{r[c][0]:.2f}" for c in cols)  # type: ignore[index]
         ratio = r["shm_write"][0] / r["memcpy"][0]  # type: ignore[index]
-        print(f"| {r['size_mib']} MiB | {r['spans']} | {r['reps']} | {cells} | {ratio:.2f} |")
+        ratio_shm = r["shm_write"][0] / r["memcpy_to_shm"][0]  # type: ignore[index]
+        print(
+            f"| {r['size_mib']} MiB | {r['spans']} | {r['reps']} | {cells} | {ratio:.2f} | {ratio_shm:.2f} |"
+        )
 
     single = {r["size_mib"]: r for r in rows if r["spans"] == 1}
     checks = {}
