@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from deepflow.engine.attention.base import AttentionBackend, KVCache
+from deepflow.engine.attention.base import AttentionBackend, KVCache, VarlenCall
 from deepflow.engine.attention.metadata import AttentionMetadata
 from deepflow.engine.attention.torch_backend import TorchAttention
 
 BACKENDS = ("auto", "kernels", "torch")
 KERNEL_OPS = ("paged_attention", "merge_attention_states", "rope_and_cache")
 
-__all__ = ["BACKENDS", "AttentionBackend", "AttentionMetadata", "KVCache", "select_backend"]
+__all__ = ["BACKENDS", "AttentionBackend", "AttentionMetadata", "KVCache", "VarlenCall", "select_backend"]
 
 
 def select_backend(name: str, device: torch.device, head_dim: int | None = None) -> type[AttentionBackend]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -10,6 +11,16 @@ import torch
 from deepflow.engine.attention.metadata import AttentionMetadata
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (K, V) of one layer, each [KV heads, blocks, block size, hd]
+
+
+@dataclass
+class VarlenCall:
+    """One varlen paged-attention call over a step's sequences (int32 CPU tensors; kernels/attention.py)."""
+
+    block_tables: torch.Tensor  # [N, W]
+    seq_lens: torch.Tensor  # [N]
+    query_start_loc: torch.Tensor  # [N + 1], relative to the call's first query
+    causal: bool = True
 
 
 class AttentionBackend(ABC):
@@ -49,6 +60,11 @@ class AttentionBackend(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q and k (`qk` [T, H + KVH, hd]) by their positions and write k and v ([T, KVH, hd]) to the
         cache; returns the rotated (q, k). Rope lives here so a backend can fuse it with the cache write."""
+
+    def single_call(self, meta: AttentionMetadata) -> VarlenCall | None:
+        """When the whole prepared step is one causal paged-attention call with rope fused into the cache
+        write (the kernels in bf16, no cascade): that call, so a fused decoder layer can make it itself."""
+        return None
 
     @abstractmethod
     def forward(

@@ -17,27 +17,17 @@ from dataclasses import dataclass
 
 import torch
 
-from deepflow.engine.attention.base import AttentionBackend, KVCache
+from deepflow.engine.attention.base import AttentionBackend, KVCache, VarlenCall
 from deepflow.engine.attention.metadata import AttentionMetadata
 
 
-@dataclass
-class _Varlen:
-    """One paged_attention call: sequences with their tables, lengths and query offsets (int32)."""
-
-    block_tables: torch.Tensor  # [N, W]
-    seq_lens: torch.Tensor  # [N]
-    query_start_loc: torch.Tensor  # [N + 1], relative to the call's first query
-    causal: bool = True
-
-
-def _varlen(tables: list[list[int]], lens: list[int], qlens: list[int], bs: int, causal: bool) -> _Varlen:
+def _varlen(tables: list[list[int]], lens: list[int], qlens: list[int], bs: int, causal: bool) -> VarlenCall:
     width = max(1, max(-(-n // bs) for n in lens))
     padded = [t[:width] + [0] * (width - len(t[:width])) for t in tables]
     starts = [0]
     for n in qlens:
         starts.append(starts[-1] + n)
-    return _Varlen(
+    return VarlenCall(
         block_tables=torch.tensor(padded, dtype=torch.int32).view(len(tables), width),
         seq_lens=torch.tensor(lens, dtype=torch.int32),
         query_start_loc=torch.tensor(starts, dtype=torch.int32),
@@ -49,10 +39,10 @@ def _varlen(tables: list[list[int]], lens: list[int], qlens: list[int], bs: int,
 class _KernelPlan:
     cos: torch.Tensor | None  # fp32 only: torch's rope rows [T, 1, hd]
     sin: torch.Tensor | None
-    everything: _Varlen | None = None  # no cascade: all sequences in one call
-    decodes: _Varlen | None = None  # cascade: the decodes' own suffixes ...
-    shared: _Varlen | None = None  # ... the shared prefix once for all decode queries ...
-    chunks: _Varlen | None = None  # ... and the prefill chunks
+    everything: VarlenCall | None = None  # no cascade: all sequences in one call
+    decodes: VarlenCall | None = None  # cascade: the decodes' own suffixes ...
+    shared: VarlenCall | None = None  # ... the shared prefix once for all decode queries ...
+    chunks: VarlenCall | None = None  # ... and the prefill chunks
 
 
 class KernelAttention(AttentionBackend):
@@ -76,6 +66,10 @@ class KernelAttention(AttentionBackend):
             if len(qlens) > d:
                 plan.chunks = _varlen(tables[d:], lens[d:], qlens[d:], bs, causal=True)
         meta.prepared = plan
+
+    def single_call(self, meta: AttentionMetadata) -> VarlenCall | None:
+        plan: _KernelPlan = meta.prepared
+        return plan.everything if plan.cos is None else None
 
     def store_kv(
         self, qk: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
@@ -122,7 +116,12 @@ class KernelAttention(AttentionBackend):
         return out
 
     def _call(
-        self, out: torch.Tensor, lse: torch.Tensor | None, q: torch.Tensor, kv_cache: KVCache, call: _Varlen
+        self,
+        out: torch.Tensor,
+        lse: torch.Tensor | None,
+        q: torch.Tensor,
+        kv_cache: KVCache,
+        call: VarlenCall,
     ) -> None:
         k_cache, v_cache = kv_cache
         torch.ops.deepflow.paged_attention(
