@@ -154,7 +154,9 @@ class JobTracker:
             job.history.append((new, now))
             if new in TERMINAL:
                 self._finished.append(job.job_id)
-                while len(self._finished) > self.max_finished:
+                # Never drop a record whose last change has not been taken yet (the JE's job store would
+                # miss its end); the next finish evicts it once it has been.
+                while len(self._finished) > self.max_finished and self._finished[0] not in self.changed:
                     self.jobs.pop(self._finished.popleft(), None)
 
     def take_changed(self) -> list[Job]:

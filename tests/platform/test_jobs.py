@@ -73,3 +73,21 @@ def test_a_job_of_several_tasks_fails_if_any_fails() -> None:
     assert job.state == State.QUEUED  # one task still to run
     jobs.move(job, second, State.FAILED)
     assert job.state == State.FAILED
+
+
+def _finish(jobs: JobTracker, request_id: str) -> None:
+    job = jobs.create(request_id, "smol", job_id=request_id)
+    task = job.tasks[0]
+    for state in (State.QUEUED, State.SCHEDULED, State.RUNNING, State.FINISHED):
+        jobs.move(job, task, state, te_id="te-0" if state == State.SCHEDULED else None)
+
+
+def test_finished_jobs_are_bounded_but_never_dropped_before_their_change_is_taken() -> None:
+    jobs = JobTracker(clock=itertools.count().__next__, max_finished=2)
+    for i in range(5):
+        _finish(jobs, f"r{i}")
+    # Nothing taken yet: every record is still held, so the job store will see every end.
+    assert len(jobs.jobs) == 5
+    assert {j.job_id for j in jobs.take_changed()} == {f"r{i}" for i in range(5)}
+    _finish(jobs, "r5")  # now the taken ones beyond the bound go
+    assert sorted(jobs.jobs) == ["r4", "r5"]

