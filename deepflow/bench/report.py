@@ -143,15 +143,9 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def format_table(result: BenchResult) -> str:
-    """A fixed-width report for stdout."""
-    cfg, s = result.config, result.summary
-    width = 72
-    title = f" deepflow bench serve{f': {cfg.label}' if cfg.label else ''} "
-    rows = [
-        ("Target", f"{cfg.root_url}{cfg.path} (model {cfg.model})"),
-        ("Workload", f"{cfg.describe_workload()}, output {cfg.output_len}"),
-        ("Load", cfg.describe_load()),
+def summary_rows(s: Summary) -> list[tuple[str, str]]:
+    """The counts and rates every report prints (bench serve's and the simulator's)."""
+    return [
         ("Successful requests", f"{s.completed} of {s.num_requests}"),
         ("Failed requests", str(s.failed)),
         ("Duration (s)", _fmt(s.duration_s)),
@@ -167,8 +161,12 @@ def format_table(result: BenchResult) -> str:
             else f"{s.cache_hit_fraction:.3f} ({s.total_cached_tokens:,} cached)",
         ),
     ]
-    if s.warmup_requests:
-        rows.append(("Warm-up requests (not counted)", f"{s.warmup_requests} ({s.warmup_failed} failed)"))
+
+
+def render_report(
+    title: str, rows: list[tuple[str, str]], s: Summary, first_error: str | None = None, width: int = 72
+) -> str:
+    """The fixed-width layout: `rows` as label: value, the latency table, the errors."""
     lines = [title.center(width, "="), *(f"{k + ':':<34}{v}" for k, v in rows), "-" * width]
     lines.append(f"{'Latency (ms)':<14}{'mean':>11}{'p50':>11}{'p90':>11}{'p99':>11}{'max':>11}")
     for name, stats in (("TTFT", s.ttft_ms), ("TPOT", s.tpot_ms), ("ITL", s.itl_ms), ("E2E", s.e2e_ms)):
@@ -177,8 +175,23 @@ def format_table(result: BenchResult) -> str:
     if s.errors:
         lines.append("-" * width)
         lines.append("Errors: " + ", ".join(f"{kind} x{count}" for kind, count in s.errors.items()))
-        example = next((r.error for r in result.records if not r.success and r.error), None)
-        if example:
-            lines.append(f"  first: {example[: width * 2]}")
+        if first_error:
+            lines.append(f"  first: {first_error[: width * 2]}")
     lines.append("=" * width)
     return "\n".join(lines)
+
+
+def format_table(result: BenchResult) -> str:
+    """A fixed-width report for stdout."""
+    cfg, s = result.config, result.summary
+    title = f" deepflow bench serve{f': {cfg.label}' if cfg.label else ''} "
+    rows = [
+        ("Target", f"{cfg.root_url}{cfg.path} (model {cfg.model})"),
+        ("Workload", f"{cfg.describe_workload()}, output {cfg.output_len}"),
+        ("Load", cfg.describe_load()),
+        *summary_rows(s),
+    ]
+    if s.warmup_requests:
+        rows.append(("Warm-up requests (not counted)", f"{s.warmup_requests} ({s.warmup_failed} failed)"))
+    example = next((r.error for r in result.records if not r.success and r.error), None)
+    return render_report(title, rows, s, example)
