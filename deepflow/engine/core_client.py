@@ -27,6 +27,7 @@ import zmq.asyncio
 
 from deepflow.engine.config import EngineConfig
 from deepflow.engine.contexts import ContextLimitError
+from deepflow.engine.kv_transfer import KVPrefilled
 from deepflow.engine.request import (
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -62,7 +63,7 @@ class Shutdown(msgspec.Struct, tag="shutdown"):
     pass
 
 
-Command = AddRequest | AbortRequests | ReleaseContext | ResetPrefixCache | Shutdown
+Command = AddRequest | AbortRequests | ReleaseContext | ResetPrefixCache | KVPrefilled | Shutdown
 
 
 class EngineCoreFailed(msgspec.Struct, tag="failed"):

@@ -1,6 +1,7 @@
 """The typed messages between platform processes (msgspec over ZeroMQ).
 
-    JE  ──DEALER──▶ TE (ROUTER):  Hello, then the engine commands (add / abort / contexts / cache reset)
+    JE  ──DEALER──▶ TE (ROUTER):  Hello, then the engine commands (add / abort / contexts / cache reset /
+                                  KVPrefilled, engine/kv_transfer.py)
     TE  ──ROUTER──▶ JE:           EngineCoreOutputs (outputs, stats, KV events), EngineCoreFailed
     TE  ──DEALER──▶ CM (ROUTER):  TEHeartbeat (who it is, where it listens, its load) every second
     JE  ──DEALER──▶ CM:           JEHeartbeat (with the view version it holds), ClusterQuery
@@ -26,6 +27,7 @@ from deepflow.engine.core_client import (
     ReleaseContext,
     ResetPrefixCache,
 )
+from deepflow.engine.kv_transfer import KVPrefilled
 from deepflow.engine.request import EngineCoreOutputs, SchedulerStats
 
 
@@ -52,7 +54,7 @@ class Hello(msgspec.Struct, tag="hello"):
     incarnation: int
 
 
-JEToTE = AddRequest | AbortRequests | ReleaseContext | ResetPrefixCache | Hello
+JEToTE = AddRequest | AbortRequests | ReleaseContext | ResetPrefixCache | KVPrefilled | Hello
 TEToJE = EngineCoreOutputs | EngineCoreFailed
 
 
