@@ -39,7 +39,7 @@ lint: install
 	$(BIN)/ruff check deepflow tests benchmarks
 
 test: model lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 # The pure and unit tests only (no engine, server or real model): seconds, for your own iterations.
 test-fast: install lint
