@@ -8,14 +8,17 @@ from deepflow.platform.autoscaling.policy import (
     ScaleReason,
     ScalingConfig,
 )
+from deepflow.platform.autoscaling.preload_policy import ModelCandidate, choose_preload
 from deepflow.platform.autoscaling.windows import WindowedAverage
 
 __all__ = [
     "Autoscaler",
     "GroupAutoscaler",
     "GroupSample",
+    "ModelCandidate",
     "ScaleDecision",
     "ScaleReason",
     "ScalingConfig",
     "WindowedAverage",
+    "choose_preload",
 ]
