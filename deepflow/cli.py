@@ -98,10 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     from deepflow.api.cli import register as register_serve
     from deepflow.bench.cli import register as register_bench
     from deepflow.sim.cli import register as register_sim
+    from deepflow.tenants.cli import register as register_tenants
 
     register_serve(sub)
     register_bench(sub)
     register_sim(sub)
+    register_tenants(sub)
     return parser
 
 
