@@ -20,8 +20,10 @@ class Combined:
 
     1. Imbalanced → least load. The group is balanced when max − min ≤ `balance_abs_threshold` or
        max ≤ `balance_rel_threshold` × min (SGLang's cache-aware router's two thresholds).
-    2. Low match → least load. The longest cached prefix of the prompt on any TE covers less than
-       `min_match_ratio` of it: a small hit is not worth concentrating traffic.
+    2. Low match → the smallest cache, then least load. The longest cached prefix of the prompt on any TE
+       covers less than `min_match_ratio` of it: a small hit is not worth concentrating traffic. The group
+       is balanced, so the TE caching the fewest blocks (`GroupSnapshot.footprint`, as SGLang's router picks
+       its smallest tree) takes the new prefix: caches fill evenly, not the first TE's alone.
     3. Otherwise → the TE with the longest match (ties: least load), unless it is a *hot spot*: its load
        exceeds `hot_spot_factor` × the group's mean and exceeds the least-loaded TE's by at least
        `hot_spot_min_tokens`. Balance in step 1 is judged on max and min only, so one TE can draw a popular
@@ -30,7 +32,8 @@ class Combined:
        match that is not hot itself; failing that, to the least-loaded TE of the group, which prefills the
        prefix once and from then on is a second holder that takes its share of the prefix's traffic.
 
-    Least-load choices prefer, at equal load, the TE with the longer match. Stateless and deterministic.
+    Least-load choices prefer, at equal load, the TE with the longer match, then the smaller cache.
+    Stateless and deterministic.
     """
 
     name: ClassVar[str] = "combined"
@@ -71,7 +74,16 @@ class Combined:
             return matched.get(te.te_id, 0)
 
         def least_load(candidates: Sequence[TELoad]) -> TELoad:  # at equal load, the longer match
-            return min(candidates, key=lambda t: (t.outstanding_tokens, -match_of(t), t.num_running, t.te_id))
+            return min(
+                candidates,
+                key=lambda t: (
+                    t.outstanding_tokens,
+                    -match_of(t),
+                    t.num_running,
+                    group.footprint(t.te_id),
+                    t.te_id,
+                ),
+            )
 
         if not self.is_balanced(tes):
             te = least_load(tes)
@@ -79,7 +91,7 @@ class Combined:
 
         best = max(map(match_of, tes))
         if best == 0 or best < self.min_match_ratio * len(request.prompt_token_ids):
-            te = least_load(tes)
+            te = min(tes, key=lambda t: (group.footprint(t.te_id), *load_key(t)))
             return Decision(te.te_id, Reason.LOW_MATCH, match_of(te))
 
         winner = min((te for te in tes if match_of(te) == best), key=load_key)

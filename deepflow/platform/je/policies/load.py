@@ -35,10 +35,25 @@ class RoundRobin:
 
 @dataclass(frozen=True)
 class LeastLoad:
-    """The healthy TE with the fewest outstanding tokens (ties: fewer running requests, then TE id)."""
+    """The healthy TE with the fewest outstanding tokens, then the fewest running requests.
+
+    Exact ties (idle TEs, most often) go to the TE holding the longer prefix of the prompt, then to the one
+    caching the fewest blocks, then by TE id: load decides, but where it cannot, a cache hit is free and the
+    smaller cache is the one a new prefix costs least (see `GroupSnapshot.footprint`).
+    """
 
     name: ClassVar[str] = "least_load"
 
     def select(self, request: RoutingRequest, group: GroupSnapshot) -> Decision:
-        te = min(group.healthy(), key=load_key)
-        return Decision(te.te_id, Reason.LEAST_LOAD, group.match(request).get(te.te_id, 0))
+        matched = group.match(request)
+        te = min(
+            group.healthy(),
+            key=lambda t: (
+                t.outstanding_tokens,
+                t.num_running,
+                -matched.get(t.te_id, 0),
+                group.footprint(t.te_id),
+                t.te_id,
+            ),
+        )
+        return Decision(te.te_id, Reason.LEAST_LOAD, matched.get(te.te_id, 0))

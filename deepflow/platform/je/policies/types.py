@@ -40,14 +40,26 @@ class RoutingRequest(msgspec.Struct, frozen=True):
     request_id: str
     prompt_token_ids: list[int]
     cache_salt: str = ""  # namespace of the prefix cache: prompts with different salts never share KV
-    # For PD-aware group selection (§5.3); the policies here do not use it.
+    # The client's output budget (the JE and the simulator pass `max_tokens`): the most a request can
+    # generate. PD-aware routing (§5.3) caps its decode-length predictions by it; the per-group policies
+    # do not use it.
     expected_output_tokens: int | None = None
+    # `ignore_eos`: the request generates exactly `expected_output_tokens` tokens, so its decode length is
+    # known (benchmarks, `deepflow pd-heatmap`).
+    ignore_eos: bool = False
+    # The real output length, known only where the future is (a simulation replaying a trace, a study):
+    # what the oracle predictor answers. None in production.
+    true_output_tokens: int | None = None
 
 
 class PrefixIndex(Protocol):
     """Read-only view of a group's global prompt tree (`GlobalPromptTree` implements it)."""
 
     def match(self, namespace: str, token_ids: Sequence[int]) -> dict[str, int]: ...
+
+    def num_blocks(self, te_id: str) -> int:
+        """How many blocks `te_id` caches (its cache footprint: misses go to the smallest)."""
+        ...
 
 
 class NoHealthyTE(RuntimeError):
@@ -78,6 +90,16 @@ class GroupSnapshot:
         if self.tree is None:
             return {}
         return self.tree.match(request.cache_salt, request.prompt_token_ids)
+
+    def footprint(self, te_id: str) -> int:
+        """Blocks `te_id` caches per the prompt tree; 0 without a tree (or one that does not count them).
+
+        A miss goes to the smallest footprint (SGLang's router does the same with its trees' sizes): sent to
+        the TE with the least cached, the new prefix evicts the least and the group's caches fill evenly,
+        where a tie broken by TE id would fill the first TE's cache while the others' stay empty.
+        """
+        count = getattr(self.tree, "num_blocks", None)
+        return count(te_id) if count is not None else 0
 
 
 @dataclass(frozen=True)

@@ -235,3 +235,59 @@ def test_policies_import_no_torch_sockets_or_asyncio() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------- misses: the smallest cache
+
+
+def _sequential_misses(policy: LocalityAware | Combined | LeastLoad, n: int = 8) -> list[str]:
+    """Issue 12's scenario as a new user tries it: two idle TEs, sequential requests (each done before the
+    next, so both TEs are idle again) with distinct long prefixes; each TE caches what it served."""
+    tree = GlobalPromptTree(BS)
+    chosen = []
+    for i in range(n):
+        prompt = [10_000 * (i + 1) + j for j in range(512)]  # 32 blocks, shared with nobody
+        d = policy.select(req(prompt, rid=str(i)), GroupSnapshot([te("te-0"), te("te-1")], tree))
+        chosen.append(d.te_id)
+        tree.apply(BlockStored.of(d.te_id, "", prompt, BS))
+    return chosen
+
+
+@pytest.mark.parametrize("policy", [LocalityAware(), Combined(), LeastLoad()], ids=lambda p: p.name)
+def test_sequential_misses_on_idle_tes_fill_both_caches(policy: LocalityAware | Combined | LeastLoad) -> None:
+    # Before: all eight on te-0 (ties broken by TE id). Now the smaller cache takes each new prefix.
+    assert _sequential_misses(policy) == ["te-0", "te-1"] * 4
+
+
+def test_a_miss_goes_to_the_smallest_cache_before_the_least_load_while_balanced() -> None:
+    other = [7000 + j for j in range(640)]  # 40 blocks on a
+    g = group([te("a", 0), te("b", 1000), te("c", 1500)], {"a": other, "c": SYSTEM[:64]})
+    # Balanced (1500 - 0 <= 2048): b caches nothing, so b takes the new prefix though a is idler.
+    assert Combined().select(req(suffix(3, 300)), g) == Decision("b", Reason.LOW_MATCH, 0)
+    assert LocalityAware().select(req(suffix(3, 300)), g) == Decision("b", Reason.LOW_MATCH, 0)
+    # A match below min_match_ratio counts as a miss: c's 64 of 364 tokens do not attract it.
+    assert Combined().select(req(SYSTEM[:64] + suffix(3, 300)), g) == Decision("b", Reason.LOW_MATCH, 0)
+    # Equal footprints: load decides.
+    g2 = group([te("a", 900), te("b", 1000)], {"a": other[:320], "b": other[320:]})
+    assert Combined().select(req(suffix(3, 300)), g2) == Decision("a", Reason.LOW_MATCH, 0)
+
+
+def test_skewed_load_still_wins_over_footprint() -> None:
+    # Imbalanced: least load decides; footprint only breaks exact ties of load and match.
+    big = [7000 + j for j in range(640)]
+    g = group([te("a", 100), te("b", 9000)], {"a": big})
+    assert Combined().select(req(suffix(3, 300)), g) == Decision("a", Reason.IMBALANCED, 0)
+    assert LeastLoad().select(req(suffix(3, 300)), g).te_id == "a"
+    g2 = group([te("a", 100), te("b", 100), te("c", 9000)], {"a": big})
+    assert Combined().select(req(suffix(3, 300)), g2) == Decision("b", Reason.IMBALANCED, 0)
+    assert LeastLoad().select(req(suffix(3, 300)), g2).te_id == "b"
+
+
+def test_footprint_is_zero_without_a_tree_or_a_counting_index() -> None:
+    class MatchOnly:
+        def match(self, namespace: str, token_ids: list[int]) -> dict[str, int]:
+            return {}
+
+    assert GroupSnapshot([te("a")]).footprint("a") == 0
+    assert GroupSnapshot([te("a")], MatchOnly()).footprint("a") == 0  # type: ignore[arg-type]
+    assert group([te("a")], {"a": SYSTEM}).footprint("a") == 16
