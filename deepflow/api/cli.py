@@ -146,7 +146,38 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="steps of more tokens (prefills) are collected before the next is planned, so arrivals join the "
         "next step [unset: always overlap]",
     )
-    p.add_argument("--tes", type=_positive_int, default=1, help="task executors (engine processes) per model")
+    p.add_argument(
+        "--tes",
+        type=_non_negative_int,
+        default=None,
+        help="colocated task executors (engine processes) per model [1; 0 with --pd: disaggregated only]",
+    )
+    p.add_argument(
+        "--pd",
+        default=None,
+        metavar="P:D",
+        help="also serve each model disaggregated: P prefill and D decode TEs (e.g. 1:1), beside --tes "
+        "colocated ones when given",
+    )
+    p.add_argument(
+        "--router",
+        default="fixed",
+        help="how a request is split across a model's groups (colocated or prefill+decode): fixed "
+        "(prefer=colocated|disaggregated|alternate when both exist) or one the policies add",
+    )
+    p.add_argument(
+        "--router-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a router setting, e.g. prefer=alternate (values are YAML scalars); repeatable",
+    )
+    p.add_argument(
+        "--kv-transfer-mode",
+        default="by_request",
+        choices=["by_request", "by_layer"],
+        help="disaggregated KV hand-over: after the prefill, or each layer as soon as it is written",
+    )
     p.add_argument(
         "--policy",
         default="combined",
@@ -252,7 +283,15 @@ def api_limits(args: argparse.Namespace, base: APILimits | None = None) -> APILi
 def build_spec(args: argparse.Namespace) -> Any:
     """The ClusterSpec of `deepflow serve`: from --config, or one model per --model (the embedded one if
     none), each with --tes TEs routed by --policy."""
-    from deepflow.platform.spec import ClusterSpec, ModelSpec, load_config, served_name
+    from deepflow.engine.kv_transfer import KVMode
+    from deepflow.platform.spec import (
+        ClusterSpec,
+        KVTransferSpec,
+        ModelSpec,
+        load_config,
+        parse_pd,
+        served_name,
+    )
 
     if args.config is not None:
         spec = load_config(args.config, parse_size)
@@ -264,11 +303,27 @@ def build_spec(args: argparse.Namespace) -> Any:
     names = args.served_model_name or []
     if len(names) > len(models):
         raise ValueError(f"{len(names)} --served-model-name for {len(models)} --model")
+    prefill, decode = parse_pd(args.pd) if args.pd is not None else (0, 0)
+    # --pd alone serves disaggregated only; --tes N beside it adds N colocated TEs.
+    colocated = args.tes if args.tes is not None else (0 if args.pd is not None else 1)
+    router_params = router_params_of(args.router_param)
     specs = []
     for i, model in enumerate(models):
         config = engine_config(args, model)
         name = served_name(config, names[i] if i < len(names) else None)
-        specs.append(ModelSpec(name=name, engine=config, tes=args.tes, policy=args.policy))
+        specs.append(
+            ModelSpec(
+                name=name,
+                engine=config,
+                tes=colocated,
+                prefill_tes=prefill,
+                decode_tes=decode,
+                policy=args.policy,
+                router=args.router,
+                router_params=dict(router_params),
+                kv_transfer=KVTransferSpec(mode=KVMode(args.kv_transfer_mode)),
+            )
+        )
     spec = ClusterSpec(
         models=specs,
         host=args.host,
@@ -281,6 +336,19 @@ def build_spec(args: argparse.Namespace) -> Any:
     )
     spec.validate()
     return spec
+
+
+def router_params_of(items: list[str]) -> dict[str, Any]:
+    """`--router-param KEY=VALUE` items -> {key: value}, each value read as a YAML scalar (1, 0.5, true)."""
+    import yaml
+
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--router-param takes KEY=VALUE, got {item!r}")
+        params[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return params
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -312,7 +380,7 @@ def serve_standalone(args: argparse.Namespace, spec: Any) -> int:
     from deepflow.api.server import build_app
     from deepflow.engine.async_llm import EngineDeadError
 
-    if len(spec.models) != 1 or spec.models[0].tes != 1:
+    if len(spec.models) != 1 or spec.models[0].groups() != [("colocated", 1)]:
         print("deepflow: error: --standalone serves one model on one engine", file=sys.stderr)
         return 2
     model = spec.models[0]

@@ -357,10 +357,12 @@ MAX_CONTEXT_TTL = 7 * 24 * 3600.0  # a pinned context holds KV memory; a forgott
 
 
 class ScaleRequest(StrictModel):
-    """POST /v1/cluster/scale: run `tes` task executors of `model` (surplus ones drain, then stop)."""
+    """POST /v1/cluster/scale: run `tes` task executors in `model`'s `role` group (surplus ones drain, then
+    stop). A group may go to 0 while the model keeps a colocated TE or a prefill and a decode TE."""
 
     model: str = Field(max_length=MAX_MODEL_NAME)
-    tes: int = Field(ge=1, le=64)
+    tes: int = Field(ge=0, le=64)
+    role: Literal["colocated", "prefill", "decode"] = "colocated"
 
 
 class ContextCreateRequest(StrictModel):

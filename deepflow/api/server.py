@@ -280,9 +280,11 @@ def build_app(
         if platform is None:
             raise platform_unavailable("this server runs no job executor platform")
         try:
-            view = await platform.scale(body.model, body.tes)
+            view = await platform.scale(body.model, body.tes, body.role)
         except ValueError as exc:
-            raise invalid(str(exc), param="model" if "model" in str(exc) else "tes") from exc
+            text = str(exc)
+            param = "role" if "role" in text else "model" if "unknown model" in text else "tes"
+            raise invalid(text, param=param) from exc
         except (TimeoutError, ConnectionError) as exc:
             raise platform_unavailable(str(exc) or type(exc).__name__) from exc
         return JSONResponse(view)

@@ -91,8 +91,8 @@ class PlatformView(Protocol):
 
     async def cluster(self) -> dict[str, Any]: ...
 
-    async def scale(self, model: str, tes: int) -> dict[str, Any]:
-        """Run `tes` TEs of `model`; ValueError when refused. Returns the cluster's state."""
+    async def scale(self, model: str, tes: int, role: str = "colocated") -> dict[str, Any]:
+        """Run `tes` TEs in `model`'s `role` group; ValueError when refused. Returns the cluster's state."""
         ...
 
 

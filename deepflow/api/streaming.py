@@ -77,8 +77,12 @@ def submit_all(submissions: Iterable[Callable[[], EngineStream]]) -> list[Engine
 
 
 def te_headers(streams: Iterable[EngineStream]) -> dict[str, str]:
-    """`x-deepflow-te`: the distinct TEs serving the request's streams, in order; none named, no header."""
-    te_ids = dict.fromkeys(te_id for stream in streams for te_id in stream.te_ids)
+    """`x-deepflow-te`: the distinct TEs serving the request's streams, in order, comma-separated; none
+    named, no header. A disaggregated sequence names its prefill TE, then its decode TE ("te-p0,te-d0":
+    the routing client's `te_of`), so the header of a request lists both."""
+    te_ids = dict.fromkeys(
+        te_id for stream in streams for named in stream.te_ids for te_id in named.split(",") if te_id
+    )
     return {TE_HEADER: ",".join(te_ids)} if te_ids else {}
 
 

@@ -1,9 +1,10 @@
 """The serverless abstraction (paper §3): an HTTP request becomes one or more jobs, each split into tasks.
 
-A chat or completion request on a colocated TE is one job with one task; prefill/decode disaggregation makes
-that two tasks; batch inference many. These objects are the job executor's record of a request's life: states
-with the time each was entered, and the TE every task ran on (a retried task keeps its earlier attempts).
-Pure data and transition rules: no I/O, so the simulator drives the same objects.
+A chat or completion request on a colocated TE is one job with one task per sequence; prefill/decode
+disaggregation makes that two (a "prefill" task on a prefill TE, a "decode" task on a decode TE, each with
+its own states, TE and attempts); batch inference many. These objects are the job executor's record of a
+request's life: states with the time each was entered, and the TE every task ran on (a retried task keeps
+its earlier attempts). Pure data and transition rules: no I/O, so the simulator drives the same objects.
 """
 
 from __future__ import annotations
@@ -25,16 +26,19 @@ class State(enum.StrEnum):
     FINISHED = "finished"
     FAILED = "failed"
     ABORTED = "aborted"
+    RETRIED = "retried"  # its sequence was retried in another mode (new tasks took over its work)
 
 
-TERMINAL = frozenset({State.FINISHED, State.FAILED, State.ABORTED})
+TERMINAL = frozenset({State.FINISHED, State.FAILED, State.ABORTED, State.RETRIED})
 
 # Allowed transitions; a task goes back to QUEUED when its TE dies before it streamed anything (retry).
 _NEXT: dict[State, frozenset[State]] = {
     State.CREATED: frozenset({State.QUEUED, State.ABORTED, State.FAILED}),
-    State.QUEUED: frozenset({State.SCHEDULED, State.ABORTED, State.FAILED}),
-    State.SCHEDULED: frozenset({State.RUNNING, State.QUEUED, State.FINISHED, State.ABORTED, State.FAILED}),
-    State.RUNNING: frozenset({State.QUEUED, State.FINISHED, State.ABORTED, State.FAILED}),
+    State.QUEUED: frozenset({State.SCHEDULED, State.ABORTED, State.FAILED, State.RETRIED}),
+    State.SCHEDULED: frozenset(
+        {State.RUNNING, State.QUEUED, State.FINISHED, State.ABORTED, State.FAILED, State.RETRIED}
+    ),
+    State.RUNNING: frozenset({State.QUEUED, State.FINISHED, State.ABORTED, State.FAILED, State.RETRIED}),
 }
 
 
@@ -46,12 +50,15 @@ class Attempt(msgspec.Struct, kw_only=True):
     te_id: str
     scheduled_at: float
     ended_at: float | None = None
-    outcome: str | None = None  # "finished", "te_died", "aborted", ...
+    # "finished", "te_died", "aborted", "kv_timeout" / "kv_transfer" (a disaggregated leg's transfer failed),
+    # "peer_failed" (the other task of its disaggregated pair failed), "retried"
+    outcome: str | None = None
 
 
 class Task(msgspec.Struct, kw_only=True):
     task_id: str
-    kind: str = "colocated"  # later: "prefill", "decode", "batch-item"
+    kind: str = "colocated"  # "colocated", "prefill", "decode" (TERole); later "batch-item"
+    sequence_id: str = ""  # the sequence it serves (a request with n > 1 has n; its id has a #i suffix)
     state: State = State.CREATED
     history: list[tuple[State, float]] = msgspec.field(default_factory=list)
     attempts: list[Attempt] = msgspec.field(default_factory=list)
@@ -106,9 +113,12 @@ class JobTracker:
         self.changed.add(job_id)
         return job
 
-    def add_task(self, job: Job, kind: str = "colocated") -> Task:
+    def add_task(self, job: Job, kind: str = "colocated", *, sequence_id: str = "") -> Task:
         task = Task(
-            task_id=f"{job.job_id}.{len(job.tasks)}", kind=kind, history=[(State.CREATED, self._clock())]
+            task_id=f"{job.job_id}.{len(job.tasks)}",
+            kind=kind,
+            sequence_id=sequence_id or job.request_id,
+            history=[(State.CREATED, self._clock())],
         )
         job.tasks.append(task)
         return task
@@ -117,8 +127,17 @@ class JobTracker:
         return self.jobs.get(job_id)
 
     def move(
-        self, job: Job, task: Task, state: State, *, te_id: str | None = None, error: str | None = None
+        self,
+        job: Job,
+        task: Task,
+        state: State,
+        *,
+        te_id: str | None = None,
+        error: str | None = None,
+        outcome: str | None = None,
     ) -> None:
+        """Move `task` to `state`; a running attempt that ends records `outcome` (default: "te_died" for a
+        task queued again, else the state)."""
         if state not in _NEXT.get(task.state, frozenset()):
             raise InvalidTransition(f"task {task.task_id}: {task.state} -> {state}")
         if state == State.QUEUED and task.streamed:
@@ -129,7 +148,7 @@ class JobTracker:
         if task.attempts and task.attempts[-1].ended_at is None and state in (State.QUEUED, *TERMINAL):
             attempt = task.attempts[-1]
             attempt.ended_at = now
-            attempt.outcome = "te_died" if state == State.QUEUED else state.value
+            attempt.outcome = outcome or ("te_died" if state == State.QUEUED else state.value)
         if state == State.SCHEDULED:
             assert te_id is not None
             task.attempts.append(Attempt(te_id=te_id, scheduled_at=now))
@@ -140,8 +159,11 @@ class JobTracker:
         self.changed.add(job.job_id)
 
     def _follow(self, job: Job, now: float) -> None:
-        states = {t.state for t in job.tasks}
-        if states <= TERMINAL:
+        # A retried task's work moved to another: it no longer speaks for the job.
+        states = {t.state for t in job.tasks if t.state != State.RETRIED} or {State.RETRIED}
+        if states == {State.RETRIED}:
+            new = State.QUEUED
+        elif states <= TERMINAL:
             new = next((s for s in (State.FAILED, State.ABORTED) if s in states), State.FINISHED)
         elif State.RUNNING in states:
             new = State.RUNNING

@@ -45,6 +45,9 @@ class TEInfo(msgspec.Struct, kw_only=True, frozen=True):
     model_path: str
     block_size: int
     num_kv_blocks: int
+    # Its group's role (policies/router.py: TERole). The cluster manager knows it from the spec and stamps
+    # it on what it pushes, so the JEs see it whatever the TE itself reported.
+    role: str = "colocated"
 
 
 class Hello(msgspec.Struct, tag="hello"):
@@ -74,12 +77,13 @@ class ClusterQuery(msgspec.Struct, tag="cluster_query"):
 
 
 class ScaleGroup(msgspec.Struct, tag="scale_group"):
-    """Run `tes` TEs for `model`: new ones are started; surplus ones drain (no new requests, the running
-    ones finish) and then stop."""
+    """Run `tes` TEs in `model`'s `role` group: new ones are started; surplus ones drain (no new requests,
+    the running ones finish) and then stop."""
 
     query_id: int
     model: str
     tes: int
+    role: str = "colocated"
 
 
 ToCM = TEHeartbeat | JEHeartbeat | ClusterQuery | ScaleGroup
@@ -91,7 +95,8 @@ class TEState(msgspec.Struct, kw_only=True):
     te_id: str
     model: str
     incarnation: int
-    state: str  # starting | ready | dead (restarting) | draining (scaled down) | removed
+    role: str = "colocated"  # its group (TERole)
+    state: str = "starting"  # starting | ready | dead (restarting) | draining (scaled down) | removed
     pid: int | None = None
     info: TEInfo | None = None  # set once ready
 

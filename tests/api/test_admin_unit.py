@@ -44,12 +44,14 @@ class FakePlatform:
             raise self.failure
         return CLUSTER
 
-    async def scale(self, model: str, tes: int) -> dict[str, Any]:
+    async def scale(self, model: str, tes: int, role: str = "colocated") -> dict[str, Any]:
         if self.failure is not None:
             raise self.failure
         if model != MODEL:
             raise ValueError(f"unknown model {model!r}")
-        return {"scaled": {model: tes}}
+        if tes == 0 and role == "colocated":  # as the CM answers for a model with no prefill/decode TEs
+            raise ValueError(f"model {model} would be left without a way to serve")
+        return {"scaled": {model: tes, "role": role}}
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +138,19 @@ def test_admin_routes_need_the_key(engine: FakeEngine, platform: FakePlatform) -
 
 def test_scale(client: TestClient, platform: FakePlatform) -> None:
     response = client.post("/v1/cluster/scale", json={"model": MODEL, "tes": 3})
-    assert response.status_code == 200 and response.json() == {"scaled": {MODEL: 3}}
+    assert response.status_code == 200 and response.json() == {"scaled": {MODEL: 3, "role": "colocated"}}
+    response = client.post("/v1/cluster/scale", json={"model": MODEL, "tes": 2, "role": "decode"})
+    assert response.status_code == 200 and response.json()["scaled"]["role"] == "decode"  # per group
     error = error_of(client.post("/v1/cluster/scale", json={"model": "other", "tes": 2}), 400)
     assert error["param"] == "model" and "unknown model" in error["message"]
-    for bad in ({"model": MODEL, "tes": 0}, {"model": MODEL}, {"model": MODEL, "tes": 2, "extra": 1}):
+    error = error_of(client.post("/v1/cluster/scale", json={"model": MODEL, "tes": 0}), 400)
+    assert error["param"] == "tes" and "without a way to serve" in error["message"]  # the CM refused
+    for bad in (
+        {"model": MODEL},
+        {"model": MODEL, "tes": 2, "extra": 1},
+        {"model": MODEL, "tes": -1},
+        {"model": MODEL, "tes": 1, "role": "mixer"},
+    ):
         assert error_of(client.post("/v1/cluster/scale", json=bad), 400)["type"] == "invalid_request_error"
     platform.failure = TimeoutError("the cluster manager did not answer within 5 s")
     error = error_of(client.post("/v1/cluster/scale", json={"model": MODEL, "tes": 2}), 503)

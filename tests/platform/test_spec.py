@@ -31,7 +31,7 @@ def test_several_models_from_the_command_line(smollm2_dir: Path, tmp_path: Path)
         ("b", 2, "locality", "float32"),
     ]
     assert spec.job_executors == 2 and spec.total_tes == 4
-    assert [(te_id, m.name) for te_id, m in spec.te_ids()] == [("te-0", "a"), ("te-1", "a"), ("te-2", "b"),
+    assert [(te_id, m.name) for te_id, m, _ in spec.te_ids()] == [("te-0", "a"), ("te-1", "a"), ("te-2", "b"),
                                                                ("te-3", "b")]  # fmt: skip
     assert ClusterSpec.decode(spec.encode()) == spec  # what the CM and JEs receive
     with pytest.raises(ValueError, match="unique"):
@@ -81,6 +81,15 @@ models:
         ("models:\n  - model: {m}\n    replicas: 2", "unknown keys"),
         ("models:\n  - model: {m}\nports: 1", "unknown keys"),
         ("models:\n  - model: {m}\n    tes: 0", "tes must be"),
+        ("models:\n  - model: {m}\n    groups: [{{role: prefill, tes: 1}}]", "both prefill and decode"),
+        ("models:\n  - model: {m}\n    groups: [{{role: mixer, tes: 1}}]", "unknown role"),
+        ("models:\n  - model: {m}\n    groups: [{{role: decode, tes: 1}}, {{role: decode}}]", "given twice"),
+        ("models:\n  - model: {m}\n    router: psychic", "unknown router"),
+        ("models:\n  - model: {m}\n    router_params: {{prefer: sometimes}}", "prefer must be"),
+        ("models:\n  - model: {m}\n    router_params: {{speed: 9}}", "router 'fixed'"),
+        ("models:\n  - model: {m}\n    kv_transfer: {{mode: by_magic}}", "kv_transfer"),
+        ("models:\n  - model: {m}\n    kv_transfer: {{lease: 3}}", "unknown settings"),
+        ("models:\n  - model: {m}\n    kv_transfer: {{timeout_s: 0}}", "timeout_s"),
         ("just text", "mapping"),
     ],
 )
@@ -114,3 +123,93 @@ def test_te_cpus_give_each_slot_its_own_cores_then_wrap() -> None:
     assert te_cpus(1, 2, [4, 5, 6, 7]) == [6, 7]
     assert te_cpus(2, 1, [0, 1]) == [0]  # more TEs than cores: they share, round robin
     assert te_cpus(0, 3, []) == []
+
+
+def test_pd_from_the_command_line(smollm2_dir: Path) -> None:
+    """`--pd 1:1` alone: one prefill and one decode TE per model and no colocated one; beside `--tes` both
+    kinds. TE ids say their role (te-N colocated, te-pN prefill, te-dN decode)."""
+    from deepflow.engine.kv_transfer import KVMode
+
+    parse = build_parser().parse_args
+    only_pd = build_spec(parse(["serve", "--model", str(smollm2_dir), "--pd", "1:1"]))
+    (model,) = only_pd.models
+    assert (model.tes, model.prefill_tes, model.decode_tes) == (0, 1, 1) and model.disaggregated
+    assert [(te_id, str(role)) for te_id, _, role in only_pd.te_ids()] == [("te-p0", "prefill"),
+                                                                          ("te-d0", "decode")]  # fmt: skip
+    assert only_pd.total_tes == 2
+    both = build_spec(
+        parse(
+            [
+                "serve",
+                "--model",
+                str(smollm2_dir),
+                "--tes",
+                "2",
+                "--pd",
+                "2:1",
+                "--router-param",
+                "prefer=alternate",
+                "--kv-transfer-mode",
+                "by_layer",
+            ]
+        )
+    )
+    (model,) = both.models
+    assert [(str(role), n) for role, n in model.groups()] == [("colocated", 2), ("prefill", 2), ("decode", 1)]
+    assert [te_id for te_id, _, _ in both.te_ids()] == ["te-0", "te-1", "te-p0", "te-p1", "te-d0"]
+    assert model.router_params == {"prefer": "alternate"} and model.kv_transfer.mode == KVMode.BY_LAYER
+    assert ClusterSpec.decode(both.encode()) == both
+    for bad in (["--pd", "1"], ["--pd", "0:1"], ["--pd", "a:b"], ["--tes", "0"], ["--router-param", "x"]):
+        with pytest.raises(ValueError):
+            build_spec(parse(["serve", "--model", str(smollm2_dir), *bad]))
+
+
+def test_pd_groups_in_cluster_yaml(smollm2_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "cluster.yaml"
+    config.write_text(
+        f"""
+models:
+  - name: smol
+    model: {smollm2_dir}
+    groups:
+      - {{role: colocated, tes: 1}}
+      - {{role: prefill, tes: 1}}
+      - {{role: decode, tes: 2}}
+    router: fixed
+    router_params: {{prefer: disaggregated}}
+    kv_transfer: {{mode: by_layer, timeout_s: 5, lease_s: 7}}
+  - name: pd-only
+    model: {smollm2_dir}
+    tes: 0
+    groups: [{{role: prefill, tes: 1}}, {{role: decode, tes: 1}}]
+"""
+    )
+    spec = load_config(config, parse_size)
+    smol, pd_only = spec.models
+    assert (smol.tes, smol.prefill_tes, smol.decode_tes) == (1, 1, 2)
+    assert smol.router_params == {"prefer": "disaggregated"}
+    assert (smol.kv_transfer.timeout_s, smol.kv_transfer.lease_s, str(smol.kv_transfer.mode)) == (
+        5,
+        7,
+        "by_layer",
+    )
+    assert (pd_only.tes, pd_only.prefill_tes, pd_only.decode_tes) == (0, 1, 1)
+    assert [te_id for te_id, _, _ in spec.te_ids()] == ["te-0", "te-p0", "te-p1", "te-d0", "te-d1", "te-d2"]
+
+
+def test_prefill_and_decode_tes_run_with_kv_transfer_on(smollm2_dir: Path) -> None:
+    from deepflow.engine.config import EngineConfig
+    from deepflow.platform.je.policies.router import TERole
+    from deepflow.platform.spec import KV_TRANSFER_SWITCH
+
+    spec = build_spec(
+        build_parser().parse_args(["serve", "--model", str(smollm2_dir), "--tes", "1", "--pd", "1:1"])
+    )
+    (model,) = spec.models
+    assert model.engine_for(TERole.COLOCATED) is model.engine
+    fields = EngineConfig.__dataclass_fields__
+    for role in (TERole.PREFILL, TERole.DECODE):
+        engine = model.engine_for(role)
+        if KV_TRANSFER_SWITCH in fields:  # the engine's connector is there
+            assert getattr(engine, KV_TRANSFER_SWITCH) and not getattr(model.engine, KV_TRANSFER_SWITCH)
+        assert engine.model == model.engine.model

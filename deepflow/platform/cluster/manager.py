@@ -1,10 +1,11 @@
 """The cluster manager (paper §3): the one owner of TE processes.
 
-It starts every TE of the spec as a local process, keeps a registry of TEs and JEs (SQLite, so a restarted
-manager adopts the running TEs instead of starting new ones), watches them (process exit, heartbeats,
-startup time), restarts a dead TE under a new incarnation, scales a group on command (new TEs start, surplus
-ones drain and stop), and pushes the TE list to every job executor the moment it changes. A plain loop over
-one ROUTER socket: no threads, no asyncio.
+It starts every TE of the spec as a local process (each in its model's colocated, prefill or decode group),
+keeps a registry of TEs and JEs (SQLite, so a restarted manager adopts the running TEs instead of starting
+new ones), watches them (process exit, heartbeats, startup time), restarts a dead TE under a new
+incarnation, scales a group (model + role) on command (new TEs start, surplus ones drain and stop), and
+pushes the TE list, with each TE's role, to every job executor the moment it changes. A plain loop over one
+ROUTER socket: no threads, no asyncio.
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 
 from deepflow.engine.request import SchedulerStats
 from deepflow.platform import messages as m
 from deepflow.platform.cluster.drain import DrainCandidate, choose_drain
 from deepflow.platform.cluster.registry import Registry, TERow, TEStatus
+from deepflow.platform.je.policies.router import TERole
 from deepflow.platform.procs import cmdline, kill_quietly, pid_alive
-from deepflow.platform.spec import ClusterSpec, ModelSpec, engine_threads, te_cpus
+from deepflow.platform.spec import TE_ID_PREFIX, ClusterSpec, ModelSpec, engine_threads, te_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ def cm_address(run_dir: Path) -> str:
 class _TE:
     row: TERow
     spec: ModelSpec
+    role: TERole
     process: subprocess.Popen[bytes] | None = None  # None when adopted from an earlier manager
     info: m.TEInfo | None = None
     stats: SchedulerStats | None = None
@@ -119,10 +123,18 @@ class ClusterManager:
             if row.state not in (TEStatus.STOPPED, TEStatus.REMOVED) and row.model in names
         ]
         # A restarted manager: the registry, not the spec, says which TEs exist (scaling may have changed it).
-        members = [(row.te_id, self.spec.model(row.model)) for row in live] if live else self.spec.te_ids()
-        for te_id, model in members:
+        members = (
+            [(row.te_id, self.spec.model(row.model), TERole(row.role)) for row in live]
+            if live
+            else self.spec.te_ids()
+        )
+        for te_id, model, role in members:
             row = rows.get(te_id)
-            adopted = _TE(row=row, spec=model, last_heartbeat=time.monotonic()) if row is not None else None
+            adopted = (
+                _TE(row=row, spec=model, role=role, last_heartbeat=time.monotonic())
+                if row is not None
+                else None
+            )
             if (
                 adopted is not None
                 and adopted.row.state in (TEStatus.STARTING, TEStatus.READY, TEStatus.DRAINING)
@@ -140,43 +152,61 @@ class ClusterManager:
                 row.state = TEStatus.REMOVED  # it was on its way out anyway
                 self.registry.save_te(row)
                 continue
-            self._add(te_id, model, row)
+            self._add(te_id, model, role, row)
         self._changed()
 
-    def _add(self, te_id: str, model: ModelSpec, previous: TERow | None = None) -> _TE:
-        """Start TE `te_id` of `model` (a new one, or the next incarnation of `previous`)."""
+    def _add(self, te_id: str, model: ModelSpec, role: TERole, previous: TERow | None = None) -> _TE:
+        """Start TE `te_id` of `model`'s `role` group (a new one, or the next incarnation of `previous`)."""
         fresh = TERow(
             te_id=te_id,
             model=model.name,
+            role=role,
             incarnation=previous.incarnation if previous else 0,
             state=TEStatus.DEAD,
             pid=None,
             address="",
             restarts=previous.restarts if previous else 0,
         )
-        te = self.tes[te_id] = _TE(row=fresh, spec=model)
+        te = self.tes[te_id] = _TE(row=fresh, spec=model, role=role)
         self._spawn(te)
         return te
 
     # ---- scaling ---------------------------------------------------------------------------------------
-    def scale(self, model_name: str, tes: int) -> str | None:
-        """Run `tes` TEs of the model: start new ones, or drain the surplus (`choose_drain`: those not ready,
-        then those pinning no contexts, then the least loaded). A drained TE's contexts are pinned again on a
-        survivor by the first request that uses them (the JEs' `ContextStore`). Returns an error, or None."""
-        if model_name not in {m.name for m in self.spec.models}:
-            return f"unknown model {model_name!r}"
-        if tes < 1:
-            return "a model needs at least one TE (scale to zero is not supported)"
-        active = [
+    def _active(self, model_name: str, role: TERole) -> list[_TE]:
+        """The group's TEs that serve or will (starting, ready, or dead and about to restart)."""
+        return [
             te
             for te in self.tes.values()
             if te.spec.name == model_name
+            and te.role == role
             and te.row.state in (TEStatus.STARTING, TEStatus.READY, TEStatus.DEAD)
         ]
+
+    def scale(self, model_name: str, tes: int, role: str = TERole.COLOCATED) -> str | None:
+        """Run `tes` TEs in the model's `role` group: start new ones, or drain the surplus (`choose_drain`:
+        those not ready, then those pinning no contexts, then the least loaded). A drained TE's contexts are
+        pinned again on a survivor by the first request that uses them (the JEs' `ContextStore`). A group may
+        go to zero while the model keeps a way to serve (a colocated TE, or prefill and decode TEs). Returns
+        an error, or None."""
+        if model_name not in {m.name for m in self.spec.models}:
+            return f"unknown model {model_name!r}"
+        try:
+            group = TERole(role)
+        except ValueError:
+            return f"unknown role {role!r}; choose from {[str(r) for r in TERole]}"
+        if tes < 0:
+            return f"tes must be >= 0, got {tes}"
+        after = {r: len(self._active(model_name, r)) for r in TERole} | {group: tes}
+        if after[TERole.COLOCATED] < 1 and min(after[TERole.PREFILL], after[TERole.DECODE]) < 1:
+            return (
+                f"model {model_name} would be left without a way to serve: it needs a colocated TE, or "
+                "prefill and decode TEs (scale to zero is not supported)"
+            )
+        active = self._active(model_name, group)
         model = self.spec.model(model_name)
         for _ in range(tes - len(active)):
-            te = self._add(self._next_te_id(), model)
-            logger.info("scaling %s up: TE %s", model_name, te.row.te_id)
+            te = self._add(self._next_te_id(group), model, group)
+            logger.info("scaling %s/%s up: TE %s", model_name, group, te.row.te_id)
         candidates = [
             DrainCandidate(
                 te_id=te.row.te_id,
@@ -189,7 +219,7 @@ class ClusterManager:
         ]
         for te_id in choose_drain(candidates, keep=tes):
             te = self.tes[te_id]
-            logger.info("scaling %s down: TE %s drains", model_name, te.row.te_id)
+            logger.info("scaling %s/%s down: TE %s drains", model_name, group, te.row.te_id)
             if te.row.state == TEStatus.READY:
                 te.row.state = TEStatus.DRAINING
             else:  # not serving anything yet
@@ -199,11 +229,17 @@ class ClusterManager:
         self._changed()
         return None
 
-    def _next_te_id(self) -> str:
-        used = {int(t.split("-")[1]) for t in self.tes} | {
-            int(r.te_id.split("-")[1]) for r in self.registry.tes()
+    def _next_te_id(self, role: TERole) -> str:
+        """The next free id of the role's series (te-N, te-pN, te-dN): never one used before, even by a
+        removed TE, so a job record's TE id names one TE."""
+        prefix = TE_ID_PREFIX[role]
+        used = {
+            t[len(prefix) :]
+            for t in {*self.tes, *(r.te_id for r in self.registry.tes())}
+            if t.startswith(prefix)
         }
-        return f"te-{max(used, default=-1) + 1}"
+        numbers = {int(n) for n in used if n.isdigit()}
+        return f"{prefix}{max(numbers, default=-1) + 1}"
 
     def _spawn(self, te: _TE) -> None:
         incarnation = te.row.incarnation + 1
@@ -213,7 +249,7 @@ class ClusterManager:
             taken = {t.cpu_slot for t in self.tes.values() if t is not te and t.row.state != TEStatus.REMOVED}
             te.cpu_slot = min(set(range(len(self.tes) + 1)) - taken)
         engine = dataclasses.replace(
-            te.spec.engine,
+            te.spec.engine_for(te.role),  # P and D TEs: KV transfer on
             num_threads=threads,
             cpu_ids=te.spec.engine.cpu_ids or te_cpus(te.cpu_slot, threads, sorted(os.sched_getaffinity(0))),
             kv_events=True,
@@ -245,6 +281,7 @@ class ClusterManager:
         te.row = TERow(
             te_id=te.row.te_id,
             model=te.spec.name,
+            role=te.role,
             incarnation=incarnation,
             state=TEStatus.STARTING,
             pid=None,
@@ -257,8 +294,8 @@ class ClusterManager:
         te.process = subprocess.Popen(command, pass_fds=pass_fds, start_new_session=True)
         te.row.pid = te.process.pid
         self.registry.save_te(te.row)
-        logger.info("started TE %s (model %s, pid %d, incarnation %d)", te.row.te_id, te.spec.name,
-                    te.process.pid, incarnation)  # fmt: skip
+        logger.info("started TE %s (model %s, %s, pid %d, incarnation %d)", te.row.te_id, te.spec.name,
+                    te.role, te.process.pid, incarnation)  # fmt: skip
 
     def _died(self, te: _TE, reason: str) -> None:
         lived = time.time() - (te.row.ready_at or te.row.started_at or time.time())
@@ -340,6 +377,8 @@ class ClusterManager:
             )
             self._send(identity, m.StopTE())
             return
+        # The role is the spec's (this manager's) word, whatever the TE says: JEs route by it.
+        info = msgspec.structs.replace(info, role=str(te.role)) if info.role != te.role else info
         te.info, te.stats, te.identity = info, beat.stats, identity
         te.last_heartbeat = time.monotonic()
         if te.row.state == TEStatus.STARTING:
@@ -372,6 +411,7 @@ class ClusterManager:
                 m.TEState(
                     te_id=te.row.te_id,
                     model=te.spec.name,
+                    role=str(te.role),
                     incarnation=te.row.incarnation,
                     state=te.row.state,
                     pid=te.row.pid,
@@ -405,6 +445,7 @@ class ClusterManager:
                 {
                     "te_id": te.row.te_id,
                     "model": te.spec.name,
+                    "role": str(te.role),
                     "state": te.row.state,
                     "pid": te.row.pid,
                     "host": te.info.host if te.info else None,
@@ -422,13 +463,15 @@ class ClusterManager:
                 }
             )
         groups = []
-        for model in self.spec.models:
-            members = [te for te in self.tes.values() if te.spec.name == model.name]
+        for model, role in self._groups():
+            members = [te for te in self.tes.values() if te.spec.name == model.name and te.role == role]
             stats = [te.stats for te in members if te.stats is not None and te.row.state == TEStatus.READY]
             groups.append(
                 {
                     "model": model.name,
+                    "role": str(role),
                     "policy": model.policy,
+                    "router": model.router,
                     "tes": [te.row.te_id for te in members if te.row.state != TEStatus.REMOVED],
                     "ready": sum(te.row.state == TEStatus.READY for te in members),
                     "load": _sum_load(stats),
@@ -449,6 +492,16 @@ class ClusterManager:
                 for je in self.jes.values()
             ],
         }
+
+    def _groups(self) -> list[tuple[ModelSpec, TERole]]:
+        """Every (model, role) group: the spec's, and any a scale command created since."""
+        present = {(te.spec.name, te.role) for te in self.tes.values() if te.row.state != TEStatus.REMOVED}
+        return [
+            (model, role)
+            for model in self.spec.models
+            for role in TERole
+            if model.group_tes(role) > 0 or (model.name, role) in present
+        ]
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -478,7 +531,7 @@ class ClusterManager:
         elif isinstance(message, m.ClusterQuery):
             self._send(identity, m.ClusterReport(query_id=message.query_id, report=self.report()))
         elif isinstance(message, m.ScaleGroup):
-            error = self.scale(message.model, message.tes)
+            error = self.scale(message.model, message.tes, message.role)
             self._send(identity, m.ScaleResult(query_id=message.query_id, error=error, report=self.report()))
 
     def stop(self) -> None:

@@ -1,7 +1,7 @@
 """The cluster manager's durable state: one SQLite file in the run folder.
 
 It holds what a restarted manager needs to adopt the running processes instead of starting new ones: every
-TE's id, model, incarnation, pid, address and state, and the job executors seen. Live numbers (load, KV
+TE's id, model, role, incarnation, pid, address and state, and the job executors seen. Live numbers (load, KV
 usage) are not persisted; TE heartbeats bring them back within a second.
 """
 
@@ -18,6 +18,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tes (
     te_id TEXT PRIMARY KEY,
     model TEXT NOT NULL,
+    role TEXT NOT NULL DEFAULT 'colocated',
     incarnation INTEGER NOT NULL,
     state TEXT NOT NULL,
     pid INTEGER,
@@ -54,6 +55,7 @@ class TERow(msgspec.Struct, kw_only=True):
     pid: int | None
     address: str
     restarts: int = 0
+    role: str = "colocated"  # its group's TERole
     started_at: float | None = None
     ready_at: float | None = None
 
@@ -66,7 +68,8 @@ class Registry:
 
     def tes(self) -> list[TERow]:
         cursor = self._db.execute(
-            "SELECT te_id, model, incarnation, state, pid, address, restarts, started_at, ready_at FROM tes"
+            "SELECT te_id, model, incarnation, state, pid, address, restarts, started_at, ready_at, role"
+            " FROM tes"
         )
         return [
             TERow(
@@ -79,6 +82,7 @@ class Registry:
                 restarts=r[6],
                 started_at=r[7],
                 ready_at=r[8],
+                role=r[9],
             )
             for r in cursor.fetchall()
         ]
@@ -86,7 +90,7 @@ class Registry:
     def save_te(self, row: TERow) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO tes (te_id, model, incarnation, state, pid, address, restarts,"
-            " started_at, ready_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " started_at, ready_at, updated_at, role) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.te_id,
                 row.model,
@@ -98,6 +102,7 @@ class Registry:
                 row.started_at,
                 row.ready_at,
                 time.time(),
+                row.role,
             ),
         )
 

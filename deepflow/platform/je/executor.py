@@ -1,9 +1,10 @@
 """The job executor (paper §3, §5): the HTTP edge's view of the cluster, one process of several.
 
-It keeps one TE group per model (`RoutingCoreClient`, one `RemoteTEClient` per TE) in step with the cluster
-manager's pushed TE list, serves each model through an `AsyncLLM` (tokenizes, detokenizes, streams), and
-records every request as a job (`JobTracker`, one per JE). It heartbeats the CM every second with the view
-version it holds, so a restarted CM re-sends the list; a dead TE is routed around as soon as the CM sees it.
+It keeps one `RoutingCoreClient` per model over the model's TE groups (colocated, prefill, decode; one
+`RemoteTEClient` per TE, its role from the push) in step with the cluster manager's pushed TE list, serves
+each model through an `AsyncLLM` (tokenizes, detokenizes, streams), and records every request as a job
+(`JobTracker`, one per JE). It heartbeats the CM every second with the view version it holds, so a restarted
+CM re-sends the list; a dead TE is routed around as soon as the CM sees it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from deepflow.platform.cluster.manager import cm_address
 from deepflow.platform.je.context_store import ContextStore
 from deepflow.platform.je.job_store import JobStore
 from deepflow.platform.je.policies import make_policy
+from deepflow.platform.je.policies.router import TERole
+from deepflow.platform.je.policies.routers import make_router
 from deepflow.platform.je.routing_client import RoutingCoreClient
 from deepflow.platform.je.te_client import RemoteTEClient
 from deepflow.platform.jobs import Job, JobTracker
@@ -67,7 +70,8 @@ class JobExecutor:
 
     # ---- startup ---------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Wait until every model has a ready TE, then build the groups and engines."""
+        """Wait until every model can serve (a ready colocated TE, or a ready prefill and decode TE), then
+        build the groups and engines."""
         self._tasks = [
             asyncio.create_task(self._heartbeats()),
             asyncio.create_task(self._listen()),
@@ -82,13 +86,17 @@ class JobExecutor:
             clients = {
                 te_id: c for te_id, c in self._clients.items() if c.info.model == model.name and c.is_alive()
             }
+            policy = make_policy(model.policy)
             group = RoutingCoreClient(
                 clients,
-                make_policy(model.policy),
+                policy,
                 block_size=next(iter(clients.values())).info.block_size,
                 jobs=self.jobs,
                 model=model.name,
                 contexts=self.context_store,
+                roles={te_id: TERole(c.info.role) for te_id, c in clients.items()},
+                router=make_router(model.router, policy, **model.router_params),
+                kv_transfer=model.kv_transfer,
             )
             self.groups[model.name] = group
             group.start()  # read every TE from now on: stats and KV events flow before any request
@@ -98,8 +106,15 @@ class JobExecutor:
         logger.info("job executor %s serving %s", self.je_id, ", ".join(self.engines))
 
     def _all_models_ready(self) -> bool:
-        ready = {c.info.model for c in self._clients.values() if c.is_alive()}
-        return all(model.name in ready for model in self.spec.models)
+        ready = {(c.info.model, c.info.role) for c in self._clients.values() if c.is_alive()}
+
+        def serves(name: str) -> bool:
+            return (name, TERole.COLOCATED) in ready or {
+                (name, TERole.PREFILL),
+                (name, TERole.DECODE),
+            } <= ready
+
+        return all(serves(model.name) for model in self.spec.models)
 
     # ---- the cluster manager ---------------------------------------------------------------------------
     async def _heartbeats(self) -> None:
@@ -154,9 +169,13 @@ class JobExecutor:
                 self._clients[te.te_id] = client
                 self._known_at[te.te_id] = time.time()
                 if group is not None:
-                    group.add_te(te.te_id, client)
+                    group.add_te(te.te_id, client, TERole(te.info.role))
                 logger.info(
-                    "TE %s (model %s, incarnation %d) is ready here", te.te_id, te.model, te.incarnation
+                    "TE %s (model %s, %s, incarnation %d) is ready here",
+                    te.te_id,
+                    te.model,
+                    te.info.role,
+                    te.incarnation,
                 )
             elif (
                 current is not None
@@ -213,9 +232,12 @@ class JobExecutor:
         answer: m.ClusterReport = await self._ask(m.ClusterQuery(query_id=next(self._query_ids)), timeout)
         return self._with_je(answer.report)
 
-    async def scale(self, model: str, tes: int, timeout: float = 5.0) -> dict[str, Any]:
-        """Ask the CM to run `tes` TEs of `model`; ValueError when it refuses. Returns the cluster report."""
-        query = m.ScaleGroup(query_id=next(self._query_ids), model=model, tes=tes)
+    async def scale(
+        self, model: str, tes: int, role: str = TERole.COLOCATED, timeout: float = 5.0
+    ) -> dict[str, Any]:
+        """Ask the CM to run `tes` TEs in `model`'s `role` group; ValueError when it refuses. Returns the
+        cluster report."""
+        query = m.ScaleGroup(query_id=next(self._query_ids), model=model, tes=tes, role=str(role))
         answer: m.ScaleResult = await self._ask(query, timeout)
         if answer.error is not None:
             raise ValueError(answer.error)
@@ -226,9 +248,16 @@ class JobExecutor:
             "je_id": self.je_id,
             "pid": os.getpid(),
             "view_version": self._view_version,
+            # Per model: per-TE reasons (P/D ones prefixed by their role), as before.
             "routing_reasons": {name: dict(group.reason_counts) for name, group in self.groups.items()},
+            # Per model: the router's state, every mode/mode_reason count, the latest routes in full.
+            "routing": {name: group.report() for name, group in self.groups.items()},
             "connected_tes": {
-                te_id: {"incarnation": c.info.incarnation, "known_at": self._known_at[te_id]}
+                te_id: {
+                    "incarnation": c.info.incarnation,
+                    "role": c.info.role,
+                    "known_at": self._known_at[te_id],
+                }
                 for te_id, c in sorted(self._clients.items())
                 if c.is_alive()
             },

@@ -1,30 +1,49 @@
-"""A job executor's view of one TE group as a single engine: route each request to a TE by policy.
+"""A job executor's view of one model's TEs as a single engine: route each request, colocated or split over a
+prefill and a decode TE, and drive it there.
 
-`RoutingCoreClient` speaks the `EngineCoreClient` protocol, so `AsyncLLM` and the HTTP edge run over a group
-of TEs unchanged. Each TE is an engine behind its own client (today an engine process over ZeroMQ). Per
-request the policy (`deepflow.platform.je.policies`) gets a snapshot of the group: every TE's last reported
-load, raised by what this JE has routed since (a burst would otherwise all go to the same "least loaded"
-TE), and the group's prompt tree, kept in step by the TEs' cache-residency events.
+`RoutingCoreClient` speaks the `EngineCoreClient` protocol, so `AsyncLLM` and the HTTP edge run over a model's
+TEs unchanged. A model is served by up to three TE groups, one per role (`TERole`: colocated, prefill,
+decode). Per request the model's `Router` (policies/router.py) gets a snapshot of every group — each TE's last
+reported load, raised by what this JE has routed since (a burst would otherwise all go to the same "least
+loaded" TE), and the group's prompt tree, kept in step by the TEs' cache-residency events — and answers with
+a `Route`: one colocated TE, or a prefill TE and a decode TE.
 
-Requests stay with their TE: aborts go there, a context lives on the TE that computed it, and requests naming
-it follow. Outputs of all TEs are merged into one stream; their scheduler stats are summed, so the engine
-metrics describe the group. When a TE dies, its requests that have not produced a token are sent again to
-another TE of the group; those that have end with an abort naming the failure (their tokens reached the
-client, so a retry would repeat them). TEs join and leave while it runs (`add_te`, on the cluster manager's
-push); with none alive new requests are refused until one joins. Each request is recorded as a job with one
-task per sequence (`deepflow.platform.jobs`): the TE of every attempt, the states and their times.
+Every front-end sequence is one record (`_Seq`): its job and tasks (`deepflow.platform.jobs`), the legs it
+runs on TEs (`_Leg`: one engine request on one TE, for one task) and where it stands (`Phase`). A colocated
+sequence is one leg. A disaggregated one follows the contract of `engine/kv_transfer.py`:
+
+    RESERVING   AddRequest(KVConsume) to D; D answers with a `KVSink` (the blocks it reserved)
+    PREFILLING  AddRequest(KVProduce(sink)) to P; P prefills, pushes the KV into the sink, samples one token
+    DECODING    P's token is streamed (the response's first) and handed to D (`KVPrefilled`); D's tokens
+                follow; P finishes once D holds every byte (`kv_transferred`)
+    ENDED       the front end has the sequence's last output (P may still be finishing its transfer)
+
+Failures, whichever the phase: a TE that dies, a decode TE whose wait timed out ("kv_timeout"), a prefill TE
+whose transfer failed ("kv_transfer"). The surviving leg is aborted on its TE (every block it holds there is
+released), then the sequence is retried on another route while nothing of it reached the client (a
+non-streaming request even after tokens: the front end is told to start over) and attempts remain, else it
+ends with an abort naming the TE. One exception: a prefill TE that dies after its first token reached the
+decode TE leaves the verdict to the decode TE — it may hold every byte already — whose wait is bounded by
+`KVConsume.timeout_s`.
+
+Requests stay with their TEs: aborts go to every leg, a context lives on the colocated TE that computed it and
+requests naming it follow. Outputs of all TEs are merged into one stream; their scheduler stats are summed, so
+the engine metrics describe the model. TEs join and leave while it runs (`add_te`, on the cluster manager's
+push); with none alive new requests are refused until one joins.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import itertools
 import logging
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -36,6 +55,7 @@ from deepflow.engine.core_client import (
     ReleaseContext,
     ResetPrefixCache,
 )
+from deepflow.engine.kv_transfer import KVConsume, KVPrefilled, KVProduce, KVSink, KVTransfer
 from deepflow.engine.request import (
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -57,24 +77,92 @@ from deepflow.platform.je.policies import (
     estimated_load,
     routed_tokens,
 )
+from deepflow.platform.je.policies.router import (
+    FixedRouter,
+    ModelGroups,
+    ModeReason,
+    Route,
+    Router,
+    ServeMode,
+    TERole,
+)
 from deepflow.platform.jobs import TERMINAL, Job, JobTracker, State, Task
+from deepflow.platform.spec import KVTransferSpec
 
 logger = logging.getLogger(__name__)
+
+# A sequence is sent at most this many times (TE deaths, transfer failures): a fault that follows it
+# everywhere ends it with its error instead of looping.
+MAX_ATTEMPTS = 4
+KV_ERRORS = frozenset(
+    {"kv_timeout", "kv_transfer"}
+)  # a transfer failed: the route's fault, not the request's
+RECENT_ROUTES = 32  # routes shown in the cluster report
+
+
+class Phase(enum.StrEnum):
+    """Where a sequence stands (module docstring)."""
+
+    COLOCATED = "colocated"  # on one TE
+    RESERVING = "reserving"  # the decode TE reserves blocks; its KVSink is not back yet
+    PREFILLING = "prefilling"  # the prefill TE prefills and pushes the KV; the first token is not back yet
+    DECODING = "decoding"  # the first token streamed and handed to the decode TE, whose tokens follow
+    ENDED = "ended"  # the front end has the last output
 
 
 @dataclass
 class _TE:
     te_id: str
     client: EngineCoreClient
+    role: TERole = TERole.COLOCATED
     stats: SchedulerStats | None = None
     routed_tokens: int = 0  # routed here since its last stats: not in its report yet
-    requests: set[str] = field(default_factory=set)
+    legs: dict[str, _Leg] = field(default_factory=dict)  # engine request id -> the leg it is
     dead: bool = False
     draining: bool = False  # scaled down: finishes its requests, gets no new ones
 
     def load(self) -> TELoad:
         healthy = not self.dead and not self.draining and self.client.is_alive()
         return estimated_load(self.te_id, self.stats, self.routed_tokens, healthy)
+
+
+@dataclass(eq=False)
+class _Leg:
+    """One task of a sequence running on one TE as one engine request."""
+
+    seq: _Seq
+    role: TERole
+    te: _TE
+    engine_id: str  # the request's id on that TE (a retry on a TE that saw the sequence gets a fresh one)
+    task: Task | None
+    live: bool = True  # on its TE: a final output, an abort we sent or the TE's death ends it
+
+
+@dataclass(eq=False)
+class _Seq:
+    """A front-end sequence: the JE's one record of it (job, tasks, legs, phase)."""
+
+    request: EngineCoreRequest
+    routing: RoutingRequest
+    job: Job | None
+    phase: Phase = Phase.COLOCATED
+    mode: ServeMode | None = None  # of the current attempt
+    route: Route | None = None
+    tasks: dict[TERole, Task] = field(default_factory=dict)  # the current mode's tasks, by role
+    legs: dict[TERole, _Leg] = field(default_factory=dict)  # the current attempt's legs, by role
+    planned_prefill: str | None = None  # the prefill TE chosen with the route, sent once D's sink is back
+    attempt: int = 0
+    streamed: bool = False  # output reached the front end (a retry would repeat it, unless restartable)
+    aborted: bool = False  # the front end aborted it: never retried
+    output_tokens: int = 0  # tokens the front end got (what the router's predictor learns from)
+    prefill_failure: tuple[_TE, str] | None = None  # P died after handing its token over: D decides
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    def live_legs(self) -> list[_Leg]:
+        return [leg for leg in self.legs.values() if leg.live]
 
 
 class RoutingCoreClient:
@@ -87,80 +175,146 @@ class RoutingCoreClient:
         jobs: JobTracker | None = None,
         model: str = "",
         contexts: ContextStore | None = None,
+        roles: dict[str, TERole] | None = None,
+        router: Router | None = None,
+        kv_transfer: KVTransferSpec | None = None,
     ) -> None:
         if not clients:
             raise ValueError("a TE group needs at least one TE")
-        self.tes = {te_id: _TE(te_id, client) for te_id, client in clients.items()}
+        roles = roles or {}
+        self.tes = {
+            te_id: _TE(te_id, client, TERole(roles.get(te_id, TERole.COLOCATED)))
+            for te_id, client in clients.items()
+        }
         first = next(iter(clients.values()))
         self.max_model_len = min(c.max_model_len for c in clients.values())
         self.eos_token_ids = first.eos_token_ids
         self.model_path: Path = first.model_path
         self.policy = policy
-        self.tree = GlobalPromptTree(block_size)
+        self.router: Router = router or FixedRouter(policy=policy)
+        self.kv_transfer = kv_transfer or KVTransferSpec()
+        self.trees = {role: GlobalPromptTree(block_size) for role in TERole}  # one per group
         self.jobs = jobs
         self.model = model
-        self._owner: dict[str, _TE] = {}  # live request id -> its TE
-        self._requests: dict[str, EngineCoreRequest] = {}  # live requests, kept for a retry elsewhere
-        self._streamed: set[str] = set()  # live requests that produced a token
-        self._tasks: dict[str, tuple[Job, Task]] = {}  # live request id -> its job and task
+        self._seqs: dict[str, _Seq] = {}  # live front-end sequence id -> its record
         self._context_owner: dict[str, _TE] = {}
         self.contexts = contexts  # where contexts live (shared by the JEs); re-created on use if none pins
-        self._recreating: dict[str, str] = {}  # live context-re-creating request id -> its context id
+        self._recreating: dict[str, tuple[str, _TE]] = {}  # context-re-creating request -> (context, TE)
         self._recreations = itertools.count(1)
-        self._aborted: set[str] = set()  # live requests the front end aborted
         self._retired_counters = dict.fromkeys(_COUNTERS, 0)  # what TEs that left had counted
-        self.decisions: deque[tuple[str, Decision]] = deque(maxlen=4096)  # (request id, decision)
-        self.reason_counts: Counter[str] = Counter()  # routing reasons since start (the cluster report)
+        self.decisions: deque[tuple[str, Decision]] = deque(maxlen=4096)  # (request id, per-TE decision)
+        self.routes: deque[tuple[str, Route]] = deque(maxlen=RECENT_ROUTES)
+        self.reason_counts: Counter[str] = Counter()  # per-TE reasons (prefixed by role for P/D) since start
+        self.mode_counts: Counter[str] = Counter()  # "mode/mode_reason" since start
         self._merged: asyncio.Queue[EngineCoreOutputs | BaseException] | None = None
         self._pumps: list[asyncio.Task[None]] = []
 
+    @property
+    def tree(self) -> GlobalPromptTree:
+        """The colocated group's prompt tree."""
+        return self.trees[TERole.COLOCATED]
+
     # ---- membership ------------------------------------------------------------------------------------
-    def add_te(self, te_id: str, client: EngineCoreClient) -> None:
+    def add_te(self, te_id: str, client: EngineCoreClient, role: TERole | str = TERole.COLOCATED) -> None:
         """A TE joined (or came back under a new incarnation): route to it from now on."""
         old = self.tes.get(te_id)
         if old is not None and not old.dead:
             self._publish(self._fail_over(old, "replaced by a new incarnation"))
-        te = self.tes[te_id] = _TE(te_id, client)
+        te = self.tes[te_id] = _TE(te_id, client, TERole(role))
         if self._merged is not None:
             self._pumps = [task for task in self._pumps if not task.done()]
             self._pumps.append(asyncio.create_task(self._pump(te)))
-        logger.info("TE %s joined group %s", te_id, self.model or "-")
+        logger.info("TE %s (%s) joined model %s", te_id, te.role, self.model or "-")
 
     def set_draining(self, te_id: str, draining: bool) -> None:
         """Stop (or resume) routing new requests to a TE; the requests it has run to their end."""
         te = self.tes.get(te_id)
         if te is not None and te.draining != draining:
             te.draining = draining
-            logger.info("TE %s of group %s %s", te_id, self.model or "-", "drains" if draining else "serves")
+            logger.info("TE %s of model %s %s", te_id, self.model or "-", "drains" if draining else "serves")
 
     def _publish(self, item: EngineCoreOutputs | BaseException) -> None:
         if self._merged is not None:
             self._merged.put_nowait(item)
 
     # ---- routing ---------------------------------------------------------------------------------------
-    def route(self, request: EngineCoreRequest, excluded: frozenset[str] = frozenset()) -> Decision:
-        """Where a request goes (it is not sent): the TE of the context it names, else the policy's pick
-        among the healthy TEs not `excluded`."""
+    def _snapshot(self, role: TERole, excluded: frozenset[str]) -> GroupSnapshot | None:
+        loads = [te.load() for te in self.tes.values() if te.role == role]
+        if not loads:
+            return None
+        if excluded:
+            loads = [msgspec.structs.replace(load, healthy=False) if load.te_id in excluded else load
+                     for load in loads]  # fmt: skip
+        return GroupSnapshot(tes=loads, tree=self.trees[role], name=f"{self.model or '-'}/{role}")
+
+    def groups(self, excluded: frozenset[str] = frozenset()) -> ModelGroups:
+        return ModelGroups(**{str(role): self._snapshot(role, excluded) for role in TERole})
+
+    def route(self, request: EngineCoreRequest, excluded: frozenset[str] = frozenset()) -> Route:
+        """Where a request goes (nothing is sent): the colocated TE of the context it names, else the
+        router's choice among the healthy TEs not `excluded`. Raises `NoHealthyTE`."""
+        routing = _routing(request)
+        if request.context_id is not None or request.create_context is not None:
+            route = self._route_context(request, routing, excluded)
+        else:
+            route = self.router.route(routing, self.groups(excluded))
+        self.routes.append((request.request_id, route))
+        self.mode_counts[f"{route.mode}/{route.mode_reason}"] += 1
+        for role, decision in ((TERole.PREFILL, route.prefill), (TERole.DECODE, route.decode)):
+            if decision is not None:
+                self._count(request.request_id, decision, role)
+        if route.colocated is not None:
+            self._count(request.request_id, route.colocated, TERole.COLOCATED)
+        return route
+
+    def _count(self, request_id: str, decision: Decision, role: TERole) -> None:
+        self.decisions.append((request_id, decision))
+        key = str(decision.reason) if role == TERole.COLOCATED else f"{role}:{decision.reason}"
+        self.reason_counts[key] += 1
+
+    def _route_context(
+        self, request: EngineCoreRequest, routing: RoutingRequest, excluded: frozenset[str]
+    ) -> Route:
+        """Contexts are pinned on colocated TEs (a prefill TE keeps no KV, a decode TE computes none)."""
+        group = self._snapshot(TERole.COLOCATED, excluded)
+        if group is None:
+            raise ValueError("contexts need a colocated TE; this model is served only disaggregated")
         owner = self._context_holder(request.context_id) if request.context_id is not None else None
         if owner is not None and owner.load().healthy and owner.te_id not in excluded:
             decision = Decision(te_id=owner.te_id, reason=Reason.CONTEXT)
         else:
-            loads = [te.load() for te in self.tes.values()]
-            if excluded:
-                loads = [msgspec.structs.replace(load, healthy=False) if load.te_id in excluded else load
-                         for load in loads]  # fmt: skip
-            decision = self.policy.select(
-                RoutingRequest(
-                    request_id=request.request_id,
-                    prompt_token_ids=request.prompt_token_ids,
-                    cache_salt=request.cache_salt,
-                    expected_output_tokens=request.sampling_params.max_tokens,
-                ),
-                GroupSnapshot(tes=loads, tree=self.tree),
-            )
-        self.decisions.append((request.request_id, decision))
-        self.reason_counts[str(decision.reason)] += 1
-        return decision
+            decision = self.policy.select(routing, group)
+        return Route(mode=ServeMode.COLOCATED, mode_reason=ModeReason.CONTEXT, colocated=decision)
+
+    def report(self) -> dict[str, Any]:
+        """This JE's routing for the model: counts of every reason, the router's state, recent routes."""
+        return {
+            "router": self.router.report(),
+            "modes": dict(self.mode_counts),
+            "reasons": dict(self.reason_counts),
+            "recent": [
+                {
+                    "request_id": request_id,
+                    "mode": str(route.mode),
+                    "mode_reason": str(route.mode_reason),
+                    "predicted_output_tokens": route.predicted_output_tokens,
+                    "tes": {
+                        str(role): {
+                            "te_id": d.te_id,
+                            "reason": str(d.reason),
+                            "matched_tokens": d.matched_tokens,
+                        }
+                        for role, d in (
+                            (TERole.COLOCATED, route.colocated),
+                            (TERole.PREFILL, route.prefill),
+                            (TERole.DECODE, route.decode),
+                        )
+                        if d is not None
+                    },
+                }
+                for request_id, route in self.routes
+            ],
+        }
 
     # ---- contexts --------------------------------------------------------------------------------------
     def _context_holder(self, context_id: str) -> _TE | None:
@@ -207,9 +361,7 @@ class RoutingCoreClient:
                 ),
             )
         )
-        self._recreating[request_id] = record.context_id
-        self._owner[request_id] = te
-        te.requests.add(request_id)
+        self._recreating[request_id] = (record.context_id, te)
         te.routed_tokens += len(record.token_ids)
         self._context_owner[record.context_id] = te
         assert self.contexts is not None
@@ -217,11 +369,9 @@ class RoutingCoreClient:
         logger.info("context %s re-created on TE %s (first use since its TE left)", record.context_id,
                     te.te_id)  # fmt: skip
 
-    def _recreated(self, te: _TE, out: EngineCoreOutput) -> None:
+    def _recreated(self, request_id: str, out: EngineCoreOutput) -> None:
         """A re-creating request ended (or its TE died): the context is pinned there, or nowhere."""
-        context_id = self._recreating.pop(out.request_id)
-        self._owner.pop(out.request_id, None)
-        te.requests.discard(out.request_id)
+        context_id, te = self._recreating.pop(request_id)
         if out.context_pinned_tokens is None:
             logger.warning("context %s could not be re-created on TE %s: %s", context_id, te.te_id,
                            out.stop_reason)  # fmt: skip
@@ -232,39 +382,120 @@ class RoutingCoreClient:
                 self.contexts.locate(context_id, None, None)
 
     def te_of(self, request_id: str) -> str | None:
-        te = self._owner.get(request_id)
-        return te.te_id if te is not None else None
+        """The TE(s) serving a sequence: "te-0" (colocated), or "te-p0,te-d0" (its prefill TE, then its
+        decode TE: the `x-deepflow-te` header's format)."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return None
+        if seq.mode == ServeMode.DISAGGREGATED:
+            decode = seq.legs.get(TERole.DECODE)
+            prefill = seq.legs[TERole.PREFILL].te.te_id if TERole.PREFILL in seq.legs else seq.planned_prefill
+            return ",".join(t for t in (prefill, decode.te.te_id if decode else None) if t)
+        leg = seq.legs.get(TERole.COLOCATED)
+        return leg.te.te_id if leg is not None else None
 
+    # ---- submitting ------------------------------------------------------------------------------------
     def add_request(self, request: EngineCoreRequest) -> None:
-        job_task = self._tasks.get(request.request_id) or self._new_task(request)
-        self._move(job_task, State.QUEUED)
+        seq = _Seq(request=request, routing=_routing(request), job=self._job_of(request))
+        self._dispatch(seq)  # raises: nothing was sent, the record is failed and forgotten
+        self._seqs[request.request_id] = seq
+
+    def _dispatch(self, seq: _Seq, excluded: frozenset[str] = frozenset()) -> None:
+        """Send the sequence's next attempt: route it (the TEs in `excluded`, which just failed it, are
+        avoided while others serve) and send its first leg. Raises EngineDeadError (nothing sent; the record
+        failed) when no TE can take it."""
+        seq.attempt += 1
+        recreate = self._needs_recreate(seq.request)
         refused: frozenset[str] = frozenset()  # TEs whose socket refused it (dead, not yet reported so)
-        recreate = self._needs_recreate(request)
         while True:
             try:
-                decision = self.route(request, refused)
-                te = self.tes[decision.te_id]
-                if recreate is not None and decision.reason != Reason.CONTEXT:
-                    self._recreate(recreate, te)
-                    recreate = None
-                te.client.add_request(request)
-                break
+                route = self._route_avoiding(seq.request, excluded | refused)
+            except NoHealthyTE as exc:
+                self._fail_tasks(seq, "no task executor of the model is alive")
+                seq.phase = Phase.ENDED
+                raise EngineDeadError(f"no task executor of model {self.model or '-'} is alive") from exc
+            except ValueError:
+                self._fail_tasks(seq, "refused")
+                seq.phase = Phase.ENDED
+                raise
+            self._set_mode(seq, route)
+            try:
+                if route.mode == ServeMode.COLOCATED:
+                    assert route.colocated is not None
+                    te = self.tes[route.colocated.te_id]
+                    if recreate is not None and route.colocated.reason != Reason.CONTEXT:
+                        self._recreate(recreate, te)
+                        recreate = None
+                    self._send_leg(seq, TERole.COLOCATED, te, None, route.colocated.matched_tokens)
+                    seq.phase = Phase.COLOCATED
+                else:
+                    assert route.prefill is not None and route.decode is not None
+                    te = self.tes[route.decode.te_id]
+                    consume = KVConsume(mode=self.kv_transfer.mode, timeout_s=self.kv_transfer.timeout_s)
+                    self._send_leg(seq, TERole.DECODE, te, consume, len(seq.request.prompt_token_ids))
+                    seq.planned_prefill = route.prefill.te_id
+                    seq.phase = Phase.RESERVING
+                return
             except EngineDeadError:
                 refused |= {te.te_id}
-            except NoHealthyTE as exc:
-                self._tasks.pop(request.request_id, None)
-                self._move(job_task, State.FAILED, error="no task executor of the group is alive")
-                raise EngineDeadError(f"no task executor of group {self.model or '-'} is alive") from exc
-        if job_task is not None:
-            self._tasks[request.request_id] = job_task
-        self._move(job_task, State.SCHEDULED, te_id=te.te_id)
-        self._requests[request.request_id] = request
-        self._owner[request.request_id] = te
-        te.requests.add(request.request_id)
-        # Work owed until the TE's next report: what it will not find cached, plus the outputs.
-        te.routed_tokens += routed_tokens(
-            len(request.prompt_token_ids), decision.matched_tokens, request.sampling_params.max_tokens
+
+    def _route_avoiding(self, request: EngineCoreRequest, avoid: frozenset[str]) -> Route:
+        """The route without the TEs in `avoid`; when that leaves no way, with those of them still alive (a
+        transfer that failed between the only pair is tried again there)."""
+        try:
+            return self.route(request, avoid)
+        except NoHealthyTE:
+            dead = frozenset(t for t in avoid if (te := self.tes.get(t)) is None or not te.load().healthy)
+            if dead == avoid:
+                raise
+            return self.route(request, dead)
+
+    def _set_mode(self, seq: _Seq, route: Route) -> None:
+        """The attempt's tasks: the same ones again when the mode is unchanged (their attempts accumulate);
+        otherwise the old ones are marked retried and the new mode's tasks join the job."""
+        seq.route = route
+        if seq.mode == route.mode and seq.tasks:
+            return
+        for task in seq.tasks.values():
+            self._move_task(seq, task, State.RETRIED, outcome="retried")
+        seq.mode = route.mode
+        roles = [TERole.COLOCATED] if route.mode == ServeMode.COLOCATED else [TERole.PREFILL, TERole.DECODE]
+        seq.tasks = {}
+        for role in roles:
+            task = self._new_task(seq, role)
+            if task is not None:
+                seq.tasks[role] = task
+                self._move_task(seq, task, State.QUEUED)
+
+    def _send_leg(
+        self, seq: _Seq, role: TERole, te: _TE, transfer: KVTransfer | None, matched_tokens: int
+    ) -> _Leg:
+        """Send one leg of the sequence to `te` (EngineDeadError when its socket refuses)."""
+        request = seq.request
+        engine_id = (
+            request.request_id
+            if seq.attempt == 1 or role == TERole.COLOCATED
+            else (f"{request.request_id}@{seq.attempt}")
         )
+        sent = (
+            request
+            if engine_id == request.request_id
+            else msgspec.structs.replace(request, request_id=engine_id)
+        )
+        if transfer is None:
+            te.client.add_request(sent)
+        else:
+            te.client.add_request(sent, kv_transfer=transfer)  # type: ignore[call-arg]
+        task = seq.tasks.get(role)
+        leg = _Leg(seq=seq, role=role, te=te, engine_id=engine_id, task=task)
+        seq.legs[role] = leg
+        te.legs[engine_id] = leg
+        if task is not None:
+            self._move_task(seq, task, State.SCHEDULED, te_id=te.te_id)
+        # Work owed until the TE's next report: what it will not find cached (a decode TE computes none of
+        # the prompt), plus the outputs (a prefill TE samples one).
+        outputs = 1 if role == TERole.PREFILL else request.sampling_params.max_tokens
+        te.routed_tokens += routed_tokens(len(request.prompt_token_ids), matched_tokens, outputs)
         if request.create_context is not None:
             self._context_owner[request.create_context.context_id] = te
             if self.contexts is not None:
@@ -278,44 +509,92 @@ class RoutingCoreClient:
                         incarnation=_incarnation(te),
                     )
                 )
+        return leg
+
+    def _start_prefill(self, seq: _Seq, sink: KVSink, emitted: list[EngineCoreOutput]) -> None:
+        """D reserved the blocks: send the prefill leg, to the planned P while it serves, else another."""
+        produce = KVProduce(sink=sink, mode=self.kv_transfer.mode, lease_s=self.kv_transfer.lease_s)
+        refused: set[str] = set()
+        while True:
+            te = self.tes.get(seq.planned_prefill or "")
+            if te is None or not te.load().healthy or te.te_id in refused:
+                group = self._snapshot(TERole.PREFILL, frozenset(refused))
+                try:
+                    if group is None:
+                        raise NoHealthyTE(f"{self.model or '-'}/prefill")
+                    decision = self.policy.select(seq.routing, group)
+                except NoHealthyTE:
+                    failed = self.tes.get(seq.planned_prefill or "")
+                    self._fail(seq, failed, TERole.PREFILL, "no prefill TE is alive", emitted)
+                    return
+                self._count(seq.request_id, decision, TERole.PREFILL)
+                te = self.tes[decision.te_id]
+                seq.planned_prefill = te.te_id
+            try:
+                matched = self.trees[TERole.PREFILL].match(
+                    seq.request.cache_salt, seq.request.prompt_token_ids
+                )
+                self._send_leg(seq, TERole.PREFILL, te, produce, matched.get(te.te_id, 0))
+                seq.phase = Phase.PREFILLING
+                return
+            except EngineDeadError:
+                refused.add(te.te_id)
 
     # ---- jobs ------------------------------------------------------------------------------------------
-    def _new_task(self, request: EngineCoreRequest) -> tuple[Job, Task] | None:
+    def _job_of(self, request: EngineCoreRequest) -> Job | None:
         if self.jobs is None:
             return None
         job_id = request.request_id.partition("#")[0]  # the n sequences of a request are one job
-        job = self.jobs.get(job_id) or self.jobs.create(job_id, self.model, num_tasks=0, job_id=job_id)
-        return job, self.jobs.add_task(job)
+        return self.jobs.get(job_id) or self.jobs.create(job_id, self.model, num_tasks=0, job_id=job_id)
 
-    def _move(
+    def _new_task(self, seq: _Seq, role: TERole) -> Task | None:
+        if self.jobs is None or seq.job is None:
+            return None
+        return self.jobs.add_task(seq.job, str(role), sequence_id=seq.request_id)
+
+    def _move_task(
         self,
-        job_task: tuple[Job, Task] | None,
+        seq: _Seq,
+        task: Task | None,
         state: State,
         *,
         te_id: str | None = None,
         error: str | None = None,
+        outcome: str | None = None,
     ) -> None:
-        if job_task is None or self.jobs is None:
+        if task is None or self.jobs is None or seq.job is None or task.state in TERMINAL:
             return
-        job, task = job_task
-        self.jobs.move(job, task, state, te_id=te_id, error=error)
+        self.jobs.move(seq.job, task, state, te_id=te_id, error=error, outcome=outcome)
         logger.log(
             logging.DEBUG if state in (State.QUEUED, State.RUNNING) else logging.INFO,
-            "job=%s task=%s state=%s te=%s%s",
-            job.job_id,
+            "job=%s task=%s (%s) state=%s te=%s%s",
+            seq.job.job_id,
             task.task_id,
+            task.kind,
             state.value,
             te_id or task.te_id or "-",
             f" error={error!r}" if error else "",
         )
 
+    def _fail_tasks(self, seq: _Seq, error: str) -> None:
+        for task in seq.tasks.values():
+            self._move_task(seq, task, State.FAILED, error=error)
+        if not seq.tasks and seq.job is not None and self.jobs is not None:  # refused before any task existed
+            task = self.jobs.add_task(seq.job, "colocated", sequence_id=seq.request_id)
+            self._move_task(seq, task, State.FAILED, error=error)
+
+    # ---- aborts and group commands ---------------------------------------------------------------------
     def abort(self, request_ids: list[str]) -> None:
+        """The front end gave up on these sequences: every live leg is aborted on its TE (an abort of an
+        unknown id is a no-op there); each leg's final output then ends its task."""
         by_te: dict[str, list[str]] = {}
         for request_id in request_ids:
-            te = self._owner.get(request_id)
-            if te is not None:
-                self._aborted.add(request_id)  # never retried elsewhere: nobody waits for it
-                by_te.setdefault(te.te_id, []).append(request_id)
+            seq = self._seqs.get(request_id)
+            if seq is None:
+                continue
+            seq.aborted = True  # never retried elsewhere: nobody waits for it
+            for leg in seq.live_legs():
+                by_te.setdefault(leg.te.te_id, []).append(leg.engine_id)
         for te_id, ids in by_te.items():
             self.tes[te_id].client.abort(ids)
 
@@ -375,7 +654,7 @@ class RoutingCoreClient:
                 logger.exception("could not process a batch from TE %s", te.te_id)
 
     def _fail_over(self, te: _TE, reason: str) -> EngineCoreOutputs:
-        """Retry the dead TE's requests that have not streamed on the others; end the rest with an abort."""
+        """The TE is gone: every sequence with a leg there fails that leg (retried, or ended naming it)."""
         te.dead = True
         with contextlib.suppress(Exception):
             te.client.shutdown()  # its socket: nothing more will be read from this incarnation
@@ -383,94 +662,267 @@ class RoutingCoreClient:
             for name in _COUNTERS:
                 self._retired_counters[name] += getattr(te.stats, name)
         te.stats = None
-        self.tree.remove_te(te.te_id)
+        self.trees[te.role].remove_te(te.te_id)
         for context_id in [c for c, owner in self._context_owner.items() if owner is te]:
             del self._context_owner[context_id]
-        ended: list[EngineCoreOutput] = []
-        message = f"task executor {te.te_id} failed: {reason}"
-        for request_id in sorted(te.requests):
-            if request_id in self._recreating:  # pinned nowhere now: the next use re-creates it again
-                self._recreated(te, EngineCoreOutput(request_id=request_id, new_token_ids=[],
-                                                     stop_reason=message))  # fmt: skip
-                continue
-            request = self._requests.get(request_id)
-            self._owner.pop(request_id, None)
-            streamed = request_id in self._streamed
-            retry = (
-                request is not None
-                and (not streamed or request.restartable)
-                and request_id not in self._aborted
-                and request.create_context is None
-            )
-            if retry:
-                assert request is not None
-                try:
-                    if streamed:  # its tokens never left the JE: the front end starts it over
-                        self._streamed.discard(request_id)
-                        if (job_task := self._tasks.get(request_id)) is not None:
-                            job_task[1].streamed = False
-                        ended.append(
-                            EngineCoreOutput(request_id=request_id, new_token_ids=[], restarted=True)
-                        )
-                    self.add_request(request)
-                    logger.warning("request %s retried after TE %s failed", request_id, te.te_id)
-                    continue
-                except Exception as exc:  # one request's retry failing must not strand the others
-                    logger.warning("request %s could not be retried: %s", request_id, exc)
-            ended.append(
-                EngineCoreOutput(
-                    request_id=request_id,
-                    new_token_ids=[],
-                    finish_reason=FinishReason.ABORT,
-                    stop_reason=message,
-                )
-            )
-            self._end(request_id, te, ended[-1])
-        te.requests.clear()
-        return EngineCoreOutputs(outputs=ended, stats=self._group_stats([]))
+        emitted: list[EngineCoreOutput] = []
+        for request_id in sorted(r for r, (_, owner) in self._recreating.items() if owner is te):
+            # pinned nowhere now: the next use re-creates it again
+            self._recreated(request_id, EngineCoreOutput(request_id=request_id, new_token_ids=[],
+                                                         stop_reason=f"TE {te.te_id} died"))  # fmt: skip
+        for engine_id in sorted(te.legs):
+            leg = te.legs.pop(engine_id)
+            if leg.live:
+                leg.live = False
+                self._fail(leg.seq, te, leg.role, reason, emitted, dead=True)
+        return EngineCoreOutputs(outputs=emitted, stats=self._group_stats([]))
 
-    def _end(self, request_id: str, te: _TE, out: EngineCoreOutput) -> None:
-        """Forget a request that finished (or failed); its task takes its final state."""
-        job_task = self._tasks.pop(request_id, None)
-        if job_task is not None and job_task[1].state not in TERMINAL:
-            failed = out.finish_reason == FinishReason.ABORT and request_id not in self._aborted
-            if out.finish_reason != FinishReason.ABORT:
-                self._move(job_task, State.FINISHED)
+    def _fail(
+        self,
+        seq: _Seq,
+        te: _TE | None,
+        role: TERole,
+        reason: str,
+        emitted: list[EngineCoreOutput],
+        *,
+        dead: bool = False,
+        outcome: str = "te_died",
+    ) -> None:
+        """The sequence's `role` leg failed on `te` (it is over there): abort the surviving legs, then retry
+        the sequence elsewhere or end it with an abort naming the TE."""
+        if seq.phase == Phase.ENDED:
+            # The front end has its answer (a prefill TE finishing its transfer after the decode TE
+            # finished): only the task's record changes.
+            self._move_task(seq, seq.tasks.get(role), State.FAILED, error=f"{_te_name(te)}: {reason}")
+            return
+        message = f"task executor {_te_name(te)} failed: {reason}"
+        decode = seq.legs.get(TERole.DECODE)
+        if (
+            dead
+            and role == TERole.PREFILL
+            and seq.phase == Phase.DECODING
+            and decode is not None
+            and decode.live
+        ):
+            # P handed its token over, then died: D may hold every byte already (the transfer ended before
+            # P's finish reached us). D's wait is bounded (KVConsume.timeout_s): its outcome decides.
+            seq.prefill_failure = (te, reason) if te is not None else None
+            logger.warning(
+                "request %s: %s after its first token; the decode TE decides", seq.request_id, message
+            )
+            return
+        for other in seq.live_legs():
+            self._close_leg(other, abort=True)  # every block the survivor holds for it is released
+        retry = (
+            not seq.aborted
+            and (not seq.streamed or seq.request.restartable)
+            and seq.request.create_context is None
+            and seq.attempt < MAX_ATTEMPTS
+        )
+        if retry:
+            for task in seq.tasks.values():
+                task.streamed = False
+                cause = outcome if task is seq.tasks.get(role) else "peer_failed"
+                self._move_task(seq, task, State.QUEUED, outcome=cause)
+            seq.legs = {}
+            seq.prefill_failure = None
+            if seq.streamed:  # its tokens never left the JE: the front end starts it over
+                seq.streamed = False
+                seq.output_tokens = 0
+                emitted.append(EngineCoreOutput(request_id=seq.request_id, new_token_ids=[], restarted=True))
+            try:
+                self._dispatch(seq, frozenset({te.te_id}) if te is not None else frozenset())
+                logger.warning("request %s retried after %s", seq.request_id, message)
+                return
+            except Exception as exc:  # one request's retry failing must not strand the others
+                logger.warning("request %s could not be retried: %s", seq.request_id, exc)
+                message = f"{message}; no retry: {exc}"
+        for task_role, task in seq.tasks.items():
+            if seq.aborted:
+                self._move_task(seq, task, State.ABORTED, error=message)
+            elif task_role == role:
+                self._move_task(seq, task, State.FAILED, error=message)
             else:
-                error = str(out.stop_reason) if out.stop_reason else None
-                self._move(job_task, State.FAILED if failed and error else State.ABORTED, error=error)
-        self._owner.pop(request_id, None)
-        self._requests.pop(request_id, None)
-        self._streamed.discard(request_id)
-        self._aborted.discard(request_id)
-        te.requests.discard(request_id)
+                self._move_task(seq, task, State.ABORTED, error=f"its {role} task failed: {message}")
+        final = EngineCoreOutput(
+            request_id=seq.request_id, new_token_ids=[], finish_reason=FinishReason.ABORT, stop_reason=message
+        )
+        self._end(seq, final, emitted)
+
+    def _close_leg(self, leg: _Leg, *, abort: bool) -> None:
+        """The leg is over for us: its TE's later outputs for it are void; `abort` tells the TE to free it."""
+        leg.live = False
+        if leg.te.legs.get(leg.engine_id) is leg:
+            del leg.te.legs[leg.engine_id]
+        if abort and not leg.te.dead:
+            with contextlib.suppress(Exception):
+                leg.te.client.abort([leg.engine_id])
+
+    def _end(self, seq: _Seq, final: EngineCoreOutput, emitted: list[EngineCoreOutput]) -> None:
+        """The front end gets the sequence's last output; the record is forgotten (a prefill leg still
+        finishing its transfer keeps a reference until its own final output)."""
+        seq.phase = Phase.ENDED
+        emitted.append(final)
+        if self._seqs.get(seq.request_id) is seq:
+            del self._seqs[seq.request_id]
+        if final.finish_reason is not None and final.finish_reason != FinishReason.ABORT:
+            try:
+                self.router.observe(seq.routing, seq.output_tokens)
+            except Exception:  # a predictor's bug must not lose the output
+                logger.exception("router %s could not observe request %s", self.router.name, seq.request_id)
 
     def _absorb(self, te: _TE, batch: EngineCoreOutputs) -> EngineCoreOutputs:
         if batch.stats is not None:
             te.stats = batch.stats
             te.routed_tokens = 0
+        tree = self.trees[te.role]
         for event in batch.kv_events:
-            self.tree.apply(msgspec.structs.replace(event, te_id=te.te_id))
-        outputs = []
+            tree.apply(msgspec.structs.replace(event, te_id=te.te_id))
+        emitted: list[EngineCoreOutput] = []
         for out in batch.outputs:
-            if self._owner.get(out.request_id) is not te:
-                continue  # not (or no longer) this TE's: e.g. retried elsewhere already
-            if out.request_id in self._recreating:  # ours, not the front end's
+            recreating = self._recreating.get(out.request_id)
+            if recreating is not None and recreating[1] is te:  # ours, not the front end's
                 if out.finish_reason is not None:
-                    self._recreated(te, out)
+                    self._recreated(out.request_id, out)
                 continue
-            outputs.append(out)
-            job_task = self._tasks.get(out.request_id)
-            if out.new_token_ids:
-                self._streamed.add(out.request_id)
-                if job_task is not None:
-                    job_task[1].streamed = True
-            if job_task is not None and job_task[1].state == State.SCHEDULED:
-                self._move(job_task, State.RUNNING)
+            leg = te.legs.get(out.request_id)
+            if leg is None or not leg.live:
+                continue  # not (or no longer) this TE's: e.g. retried elsewhere already
             if out.finish_reason is not None:
-                self._end(out.request_id, te, out)
+                self._close_leg(leg, abort=False)  # the engine freed it
+            if leg.role == TERole.COLOCATED:
+                self._on_colocated(leg, out, emitted)
+            elif leg.role == TERole.DECODE:
+                self._on_decode(leg, out, emitted)
+            else:
+                self._on_prefill(leg, out, emitted)
         fresh = batch.stats.populate_latencies if batch.stats is not None else []
-        return EngineCoreOutputs(outputs=outputs, stats=self._group_stats(fresh))
+        return EngineCoreOutputs(outputs=emitted, stats=self._group_stats(fresh))
+
+    def _forward(
+        self, seq: _Seq, out: EngineCoreOutput, emitted: list[EngineCoreOutput], **changes: Any
+    ) -> None:
+        if out.request_id != seq.request_id:
+            changes["request_id"] = seq.request_id
+        emitted.append(msgspec.structs.replace(out, **changes) if changes else out)
+        if out.new_token_ids:
+            seq.streamed = True
+            seq.output_tokens += len(out.new_token_ids)
+
+    def _on_colocated(self, leg: _Leg, out: EngineCoreOutput, emitted: list[EngineCoreOutput]) -> None:
+        seq = leg.seq
+        if out.new_token_ids and leg.task is not None:
+            leg.task.streamed = True
+        if _scheduled(leg):
+            self._move_task(seq, leg.task, State.RUNNING)
+        if out.finish_reason is None:
+            self._forward(seq, out, emitted)
+            return
+        if out.finish_reason != FinishReason.ABORT:
+            self._move_task(seq, leg.task, State.FINISHED)
+        else:
+            error = str(out.stop_reason) if out.stop_reason else None
+            failed = not seq.aborted and error is not None
+            self._move_task(seq, leg.task, State.FAILED if failed else State.ABORTED, error=error)
+        seq.output_tokens += len(out.new_token_ids)
+        self._end(seq, out, emitted)
+
+    def _on_decode(self, leg: _Leg, out: EngineCoreOutput, emitted: list[EngineCoreOutput]) -> None:
+        seq = leg.seq
+        if _scheduled(leg):
+            self._move_task(seq, leg.task, State.RUNNING)  # D reserved the blocks (its sink is the proof)
+        sink: KVSink | None = getattr(out, "kv_sink", None)
+        if sink is not None and seq.phase == Phase.RESERVING and out.finish_reason is None:
+            if seq.aborted:
+                return  # the abort is on its way to D; its final output ends the sequence
+            self._start_prefill(seq, sink, emitted)
+            return
+        # D's outputs carry the tokens after the first; the prompt's cache hits and queue time are P's.
+        changes: dict[str, Any] = {"num_cached_tokens": 0, "queue_time": None}
+        if out.finish_reason is None:
+            if out.new_token_ids:
+                if leg.task is not None:
+                    leg.task.streamed = True
+                self._forward(seq, out, emitted, **changes)
+            return
+        prefill = seq.legs.get(TERole.PREFILL)
+        prefill_task = seq.tasks.get(TERole.PREFILL)
+        if out.finish_reason != FinishReason.ABORT and out.error_type is None:
+            self._move_task(seq, leg.task, State.FINISHED)
+            if seq.prefill_failure is not None:  # P died after the transfer: D had every byte
+                dead_te, why = seq.prefill_failure
+                note = f"task executor {dead_te.te_id} failed after the transfer: {why}"
+                self._move_task(seq, prefill_task, State.FINISHED, error=note)
+            elif prefill is None or not prefill.live:
+                self._move_task(seq, prefill_task, State.FINISHED)
+            # else: P's own final output (kv_transferred) is on its way and ends its task
+            seq.output_tokens += len(out.new_token_ids)
+            self._end(seq, msgspec.structs.replace(out, request_id=seq.request_id, **changes), emitted)
+            return
+        if seq.aborted:
+            for task in seq.tasks.values():
+                self._move_task(seq, task, State.ABORTED)
+            for other in seq.live_legs():
+                self._close_leg(other, abort=True)
+            self._end(seq, msgspec.structs.replace(out, request_id=seq.request_id, **changes), emitted)
+            return
+        if seq.prefill_failure is not None:  # P died, and D could not finish without it
+            dead_te, why = seq.prefill_failure
+            self._fail(seq, dead_te, TERole.PREFILL, why, emitted)
+            return
+        if out.error_type is None or out.error_type in KV_ERRORS:
+            what = out.error_type or "aborted"
+            self._fail(seq, leg.te, TERole.DECODE, f"{what}: {out.stop_reason}", emitted, outcome=what)
+            return
+        # The request itself was refused (e.g. "invalid"): the client's error, the same on any TE.
+        self._move_task(seq, leg.task, State.FAILED, error=str(out.stop_reason))
+        for other in seq.live_legs():
+            self._close_leg(other, abort=True)
+        self._move_task(seq, prefill_task, State.ABORTED)
+        self._end(seq, msgspec.structs.replace(out, request_id=seq.request_id, **changes), emitted)
+
+    def _on_prefill(self, leg: _Leg, out: EngineCoreOutput, emitted: list[EngineCoreOutput]) -> None:
+        seq = leg.seq
+        if _scheduled(leg):
+            self._move_task(seq, leg.task, State.RUNNING)
+        if out.new_token_ids and seq.phase == Phase.PREFILLING and not seq.aborted:
+            # The response's first token: streamed now, and handed to D, which decodes from it once every
+            # byte of the KV has arrived.
+            token = out.new_token_ids[0]
+            if leg.task is not None:
+                leg.task.streamed = True
+            first = {"new_token_ids": [token], "new_logprobs": out.new_logprobs[:1]}
+            self._forward(seq, out, emitted, **first, finish_reason=None, stop_reason=None)
+            seq.phase = Phase.DECODING
+            decode = seq.legs.get(TERole.DECODE)
+            if decode is not None and decode.live:
+                try:
+                    decode.te.client.send(KVPrefilled(request_id=decode.engine_id, first_token_id=token))
+                except EngineDeadError as exc:  # its death is on its way: fail over now
+                    self._close_leg(decode, abort=False)
+                    self._fail(seq, decode.te, TERole.DECODE, str(exc), emitted)
+                    return
+        if out.finish_reason is None:
+            return
+        transferred = bool(getattr(out, "kv_transferred", False))
+        if transferred and out.finish_reason != FinishReason.ABORT:
+            self._move_task(seq, leg.task, State.FINISHED)
+            return
+        if seq.aborted or seq.phase == Phase.ENDED:
+            state = State.ABORTED if seq.aborted else State.FAILED
+            self._move_task(seq, leg.task, state, error=str(out.stop_reason) if out.stop_reason else None)
+            return
+        if out.error_type is None or out.error_type in KV_ERRORS:
+            what = out.error_type or "aborted"
+            self._fail(seq, leg.te, TERole.PREFILL, f"{what}: {out.stop_reason}", emitted, outcome=what)
+            return
+        # The request itself was refused (e.g. "invalid"): the client's error, the same on any TE.
+        self._move_task(seq, leg.task, State.FAILED, error=str(out.stop_reason))
+        for other in seq.live_legs():
+            self._close_leg(other, abort=True)
+        self._move_task(seq, seq.tasks.get(TERole.DECODE), State.ABORTED)
+        final = msgspec.structs.replace(out, request_id=seq.request_id, new_token_ids=[], new_logprobs=[])
+        self._end(seq, final, emitted)
 
     def _group_stats(self, populate_latencies: list[float]) -> SchedulerStats | None:
         """Gauges over the live TEs; counters over every TE the group ever had, so they never go back."""
@@ -488,6 +940,9 @@ class RoutingCoreClient:
             populate_latencies=populate_latencies,  # only the batch's own: others' were counted already
         )
 
+    def live_sequences(self) -> int:
+        return len(self._seqs)
+
     def is_alive(self) -> bool:
         return any(not te.dead and te.client.is_alive() for te in self.tes.values())
 
@@ -497,6 +952,23 @@ class RoutingCoreClient:
         for te in self.tes.values():
             with contextlib.suppress(Exception):
                 te.client.shutdown()
+
+
+def _routing(request: EngineCoreRequest) -> RoutingRequest:
+    return RoutingRequest(
+        request_id=request.request_id,
+        prompt_token_ids=request.prompt_token_ids,
+        cache_salt=request.cache_salt,
+        expected_output_tokens=request.sampling_params.max_tokens,
+    )
+
+
+def _scheduled(leg: _Leg) -> bool:
+    return leg.task is not None and leg.task.state == State.SCHEDULED
+
+
+def _te_name(te: _TE | None) -> str:
+    return te.te_id if te is not None else "-"
 
 
 def _incarnation(te: _TE) -> int:

@@ -19,6 +19,7 @@ from deepflow.engine.core_client import (
     EngineCoreFailed,
     EngineDeadError,
 )
+from deepflow.engine.kv_transfer import KVTransfer
 from deepflow.engine.request import EngineCoreOutputs, EngineCoreRequest
 from deepflow.platform import messages as m
 
@@ -59,8 +60,13 @@ class RemoteTEClient:
         except zmq.ZMQError as exc:
             raise EngineDeadError(f"TE {self.te_id} is not reachable: {exc}") from exc
 
-    def add_request(self, request: EngineCoreRequest) -> None:
-        self._send(AddRequest(request))
+    def add_request(self, request: EngineCoreRequest, kv_transfer: KVTransfer | None = None) -> None:
+        """Send a request; `kv_transfer` makes it one side of a disaggregated request (KVConsume on a
+        decode TE, KVProduce on a prefill TE: engine/kv_transfer.py)."""
+        if kv_transfer is None:
+            self._send(AddRequest(request))
+        else:
+            self._send(AddRequest(request, kv_transfer=kv_transfer))  # type: ignore[call-arg]
 
     def abort(self, request_ids: list[str]) -> None:
         with contextlib.suppress(EngineDeadError):

@@ -65,9 +65,8 @@ def test_a_context_whose_te_left_is_pinned_again_by_its_next_use(tmp_path: Path)
         survivor = next(te_id for te_id in tes if te_id != holder)
         assert group.context_te("ctx-1") == holder and other_je.context_te("ctx-1") == holder
         # Another JE that never saw it made routes a use to its TE (the shared store), nothing re-created.
-        assert (
-            other_je.route(use("u-0")).te_id == holder and other_je.route(use("u-0")).reason == Reason.CONTEXT
-        )
+        routed = other_je.route(use("u-0")).colocated
+        assert routed is not None and routed.te_id == holder and routed.reason == Reason.CONTEXT
 
         # Draining: it still pins the context (GET says so) but takes no new request, so a use pins it on
         # the survivor first.
@@ -91,7 +90,7 @@ def test_a_context_whose_te_left_is_pinned_again_by_its_next_use(tmp_path: Path)
         # Later uses follow it, from any JE; nothing is re-created again.
         group.add_request(use("u-2"))
         assert [r.request_id for r in tes[survivor].requests][2:] == ["u-2"]
-        assert other_je.route(use("u-3")).te_id == survivor
+        assert other_je.route(use("u-3")).te_ids == [survivor]
 
         ends = [EngineCoreOutput(request_id=r, new_token_ids=[9], finish_reason=FinishReason.LENGTH)
                 for r in ("u-1", "u-2")]  # fmt: skip
