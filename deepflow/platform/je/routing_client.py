@@ -564,6 +564,8 @@ class RoutingCoreClient:
     ) -> None:
         if task is None or self.jobs is None or seq.job is None or task.state in TERMINAL:
             return
+        if task.state == state == State.QUEUED:
+            return  # a prefill task still waiting for its decode TE's sink stays queued
         self.jobs.move(seq.job, task, state, te_id=te_id, error=error, outcome=outcome)
         logger.log(
             logging.DEBUG if state in (State.QUEUED, State.RUNNING) else logging.INFO,
@@ -674,7 +676,10 @@ class RoutingCoreClient:
             leg = te.legs.pop(engine_id)
             if leg.live:
                 leg.live = False
-                self._fail(leg.seq, te, leg.role, reason, emitted, dead=True)
+                try:
+                    self._fail(leg.seq, te, leg.role, reason, emitted, dead=True)
+                except Exception:  # one sequence's failure must not strand the others
+                    logger.exception("request %s: fail-over from TE %s failed", leg.seq.request_id, te.te_id)
         return EngineCoreOutputs(outputs=emitted, stats=self._group_stats([]))
 
     def _fail(
