@@ -9,6 +9,7 @@ import contextlib
 import os
 from pathlib import Path
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -62,9 +63,12 @@ class RemoteTEClient:
 
     def add_request(self, request: EngineCoreRequest, kv_transfer: KVTransfer | None = None) -> None:
         """Send a request; `kv_transfer` makes it one side of a disaggregated request (KVConsume on a
-        decode TE, KVProduce on a prefill TE: engine/kv_transfer.py)."""
+        decode TE, KVProduce on a prefill TE: engine/kv_transfer.py). The one place the platform attaches
+        it: on the request where the engine carries it there, else on the AddRequest."""
         if kv_transfer is None:
             self._send(AddRequest(request))
+        elif "kv_transfer" in EngineCoreRequest.__struct_fields__:
+            self._send(AddRequest(msgspec.structs.replace(request, kv_transfer=kv_transfer)))
         else:
             self._send(AddRequest(request, kv_transfer=kv_transfer))  # type: ignore[call-arg]
 
