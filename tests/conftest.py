@@ -18,6 +18,7 @@ SLOW_MODULES = {
     "test_core_client",
     "test_embedded",
     "test_engine_lifecycle",
+    "test_finetune_smollm2",
     "test_hf_equivalence",
     "test_llm_api",
     "test_openai_server",
