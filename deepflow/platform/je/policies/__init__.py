@@ -3,14 +3,21 @@
 No torch, sockets, asyncio or clocks: the JE and the simulator run the same code. A policy picks one
 healthy TE of a group (`select(request, group) -> Decision`); the group's `GlobalPromptTree` follows its
 TEs' caches through their `KVEvent`s.
+
+Across a model's groups (colocated, prefill, decode) a `Router` (`routers.make_router`) chooses the mode
+first: `FixedRouter`, or `PDAwareRouter` (Algorithm 1: the PD heatmap of `heatmap.Heatmap` and a
+decode-length predictor of `predictors`), then the TE(s) with the per-group policies.
 """
 
 from __future__ import annotations
 
 from deepflow.platform.je.policies.combined import Combined
 from deepflow.platform.je.policies.estimate import estimated_load, routed_tokens
+from deepflow.platform.je.policies.heatmap import Heatmap
 from deepflow.platform.je.policies.load import LeastLoad, RoundRobin, load_key
 from deepflow.platform.je.policies.locality import LocalityAware
+from deepflow.platform.je.policies.pd import PDAwareRouter
+from deepflow.platform.je.policies.predictors import PREDICTORS, make_predictor
 from deepflow.platform.je.policies.prompt_tree import (
     AllCleared,
     BlockRemoved,
@@ -22,6 +29,7 @@ from deepflow.platform.je.policies.prompt_tree import (
     root_hash,
 )
 from deepflow.platform.je.policies.registry import POLICIES, make_policy
+from deepflow.platform.je.policies.routers import ROUTERS, make_router
 from deepflow.platform.je.policies.types import (
     ClusterSnapshot,
     Decision,
@@ -36,6 +44,8 @@ from deepflow.platform.je.policies.types import (
 
 __all__ = [
     "POLICIES",
+    "PREDICTORS",
+    "ROUTERS",
     "AllCleared",
     "BlockRemoved",
     "BlockStored",
@@ -44,10 +54,12 @@ __all__ = [
     "Decision",
     "GlobalPromptTree",
     "GroupSnapshot",
+    "Heatmap",
     "KVEvent",
     "LeastLoad",
     "LocalityAware",
     "NoHealthyTE",
+    "PDAwareRouter",
     "Policy",
     "PrefixIndex",
     "Reason",
@@ -59,6 +71,8 @@ __all__ = [
     "iter_block_hashes",
     "load_key",
     "make_policy",
+    "make_predictor",
+    "make_router",
     "root_hash",
     "routed_tokens",
 ]

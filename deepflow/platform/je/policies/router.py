@@ -42,6 +42,10 @@ class ModeReason(StrEnum):
     ALTERNATE = "alternate"  # alternating between the two
     HEATMAP = "heatmap"  # the PD-aware choice: the measured heatmap's cell for the request
     HEATMAP_LOAD = "heatmap_load"  # the heatmap's choice was overruled by the chosen side's load
+    HEATMAP_UNCERTAIN = (
+        "heatmap_uncertain"  # the cell is within the router's margin of 0: the less loaded side
+    )
+    NO_HEATMAP = "no_heatmap"  # no heatmap, or its cell was never measured: the less loaded side
     CONTEXT = "context"  # a pinned context lives on a colocated TE
 
 
@@ -74,6 +78,7 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     prefill: Decision | None = None  # mode == DISAGGREGATED
     decode: Decision | None = None  # mode == DISAGGREGATED
     predicted_output_tokens: int | None = None  # what a PD-aware router's predictor said
+    heatmap_value: float | None = None  # the heatmap cell a PD-aware router read (JCT_coloc/JCT_disagg - 1)
 
     @property
     def te_ids(self) -> list[str]:
