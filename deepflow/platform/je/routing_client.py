@@ -41,6 +41,7 @@ import itertools
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,9 @@ logger = logging.getLogger(__name__)
 # A sequence is sent at most this many times (TE deaths, transfer failures): a fault that follows it
 # everywhere ends it with its error instead of looping.
 MAX_ATTEMPTS = 4
+# A retry that finds no TE able to take it (the only decode TE died: no pair is left) waits this long for
+# one to join — the cluster manager restarts a dead TE within seconds plus its model load — then fails.
+PARK_SECONDS = 120.0
 KV_ERRORS = frozenset(
     {"kv_timeout", "kv_transfer"}
 )  # a transfer failed: the route's fault, not the request's
@@ -107,6 +111,7 @@ class Phase(enum.StrEnum):
     RESERVING = "reserving"  # the decode TE reserves blocks; its KVSink is not back yet
     PREFILLING = "prefilling"  # the prefill TE prefills and pushes the KV; the first token is not back yet
     DECODING = "decoding"  # the first token streamed and handed to the decode TE, whose tokens follow
+    PARKED = "parked"  # its retry found no TE that could take it: waits (bounded) for one to join
     ENDED = "ended"  # the front end has the last output
 
 
@@ -178,6 +183,8 @@ class RoutingCoreClient:
         roles: dict[str, TERole] | None = None,
         router: Router | None = None,
         kv_transfer: KVTransferSpec | None = None,
+        park_s: float = PARK_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not clients:
             raise ValueError("a TE group needs at least one TE")
@@ -197,6 +204,9 @@ class RoutingCoreClient:
         self.jobs = jobs
         self.model = model
         self._seqs: dict[str, _Seq] = {}  # live front-end sequence id -> its record
+        self.park_s = park_s
+        self._clock = clock
+        self._parked: dict[str, float] = {}  # parked sequence id -> when its wait ends (self._clock)
         self._context_owner: dict[str, _TE] = {}
         self.contexts = contexts  # where contexts live (shared by the JEs); re-created on use if none pins
         self._recreating: dict[str, tuple[str, _TE]] = {}  # context-re-creating request -> (context, TE)
@@ -225,6 +235,7 @@ class RoutingCoreClient:
             self._pumps = [task for task in self._pumps if not task.done()]
             self._pumps.append(asyncio.create_task(self._pump(te)))
         logger.info("TE %s (%s) joined model %s", te_id, te.role, self.model or "-")
+        self._unpark()
 
     def set_draining(self, te_id: str, draining: bool) -> None:
         """Stop (or resume) routing new requests to a TE; the requests it has run to their end."""
@@ -232,6 +243,8 @@ class RoutingCoreClient:
         if te is not None and te.draining != draining:
             te.draining = draining
             logger.info("TE %s of model %s %s", te_id, self.model or "-", "drains" if draining else "serves")
+            if not draining:
+                self._unpark()
 
     def _publish(self, item: EngineCoreOutputs | BaseException) -> None:
         if self._merged is not None:
@@ -400,10 +413,10 @@ class RoutingCoreClient:
         self._dispatch(seq)  # raises: nothing was sent, the record is failed and forgotten
         self._seqs[request.request_id] = seq
 
-    def _dispatch(self, seq: _Seq, excluded: frozenset[str] = frozenset()) -> None:
+    def _dispatch(self, seq: _Seq, excluded: frozenset[str] = frozenset(), *, park: bool = False) -> None:
         """Send the sequence's next attempt: route it (the TEs in `excluded`, which just failed it, are
-        avoided while others serve) and send its first leg. Raises EngineDeadError (nothing sent; the record
-        failed) when no TE can take it."""
+        avoided while others serve) and send its first leg. When no TE can take it: with `park` (a retry)
+        it waits for one to join, at most `park_s`; else EngineDeadError (nothing sent; the record failed)."""
         seq.attempt += 1
         recreate = self._needs_recreate(seq.request)
         refused: frozenset[str] = frozenset()  # TEs whose socket refused it (dead, not yet reported so)
@@ -411,6 +424,9 @@ class RoutingCoreClient:
             try:
                 route = self._route_avoiding(seq.request, excluded | refused)
             except NoHealthyTE as exc:
+                if park:
+                    self._park(seq)
+                    return
                 self._fail_tasks(seq, "no task executor of the model is alive")
                 seq.phase = Phase.ENDED
                 raise EngineDeadError(f"no task executor of model {self.model or '-'} is alive") from exc
@@ -438,6 +454,51 @@ class RoutingCoreClient:
                 return
             except EngineDeadError:
                 refused |= {te.te_id}
+
+    def _park(self, seq: _Seq) -> None:
+        seq.attempt -= 1  # nothing was sent: not an attempt
+        seq.phase = Phase.PARKED
+        if seq.request_id not in self._parked:
+            self._parked[seq.request_id] = self._clock() + self.park_s
+            with contextlib.suppress(RuntimeError):  # no loop (a synchronous test): expire_parked by hand
+                asyncio.get_running_loop().call_later(self.park_s, self._publish_expired)
+            logger.warning("request %s waits up to %.0f s for a TE to retry on", seq.request_id, self.park_s)
+
+    def _unpark(self) -> None:
+        """A TE joined (or serves again): parked sequences try again, oldest first."""
+        emitted: list[EngineCoreOutput] = []
+        for request_id in list(self._parked):
+            seq = self._seqs.get(request_id)
+            if seq is None or seq.phase != Phase.PARKED:
+                self._parked.pop(request_id, None)
+                continue
+            try:
+                self._dispatch(seq, park=True)
+            except Exception as exc:  # one request's retry failing must not strand the others
+                self._end_failed(seq, None, None, f"could not be retried: {exc}", emitted)
+            if seq.phase != Phase.PARKED:
+                self._parked.pop(request_id, None)
+        if emitted:
+            self._publish(EngineCoreOutputs(outputs=emitted))
+
+    def _publish_expired(self) -> None:
+        emitted = self.expire_parked()
+        if emitted:
+            self._publish(EngineCoreOutputs(outputs=emitted))
+
+    def expire_parked(self) -> list[EngineCoreOutput]:
+        """End the parked sequences whose wait is over; returns their final outputs."""
+        now, emitted = self._clock(), []
+        for request_id, until in list(self._parked.items()):
+            seq = self._seqs.get(request_id)
+            if seq is None or seq.phase != Phase.PARKED:
+                self._parked.pop(request_id, None)
+            elif now >= until:
+                self._parked.pop(request_id)
+                model = self.model or "-"
+                why = f"no task executor of model {model} could take its retry within {self.park_s:.0f} s"
+                self._end_failed(seq, None, None, why, emitted)
+        return emitted
 
     def _route_avoiding(self, request: EngineCoreRequest, avoid: frozenset[str]) -> Route:
         """The route without the TEs in `avoid`; when that leaves no way, with those of them still alive (a
@@ -588,17 +649,23 @@ class RoutingCoreClient:
     # ---- aborts and group commands ---------------------------------------------------------------------
     def abort(self, request_ids: list[str]) -> None:
         """The front end gave up on these sequences: every live leg is aborted on its TE (an abort of an
-        unknown id is a no-op there); each leg's final output then ends its task."""
+        unknown id is a no-op there); each leg's final output then ends its task. A parked one ends now."""
         by_te: dict[str, list[str]] = {}
+        ended: list[EngineCoreOutput] = []
         for request_id in request_ids:
             seq = self._seqs.get(request_id)
             if seq is None:
                 continue
             seq.aborted = True  # never retried elsewhere: nobody waits for it
+            if seq.phase == Phase.PARKED:
+                self._parked.pop(request_id, None)
+                self._end_failed(seq, None, None, "aborted while waiting for a TE", ended)
             for leg in seq.live_legs():
                 by_te.setdefault(leg.te.te_id, []).append(leg.engine_id)
         for te_id, ids in by_te.items():
             self.tes[te_id].client.abort(ids)
+        if ended:
+            self._publish(EngineCoreOutputs(outputs=ended))
 
     def send(self, command: Command) -> None:
         if isinstance(command, ReleaseContext):
@@ -736,16 +803,33 @@ class RoutingCoreClient:
                 seq.output_tokens = 0
                 emitted.append(EngineCoreOutput(request_id=seq.request_id, new_token_ids=[], restarted=True))
             try:
-                self._dispatch(seq, frozenset({te.te_id}) if te is not None else frozenset())
+                self._dispatch(seq, frozenset({te.te_id}) if te is not None else frozenset(), park=True)
                 logger.warning("request %s retried after %s", seq.request_id, message)
                 return
             except Exception as exc:  # one request's retry failing must not strand the others
                 logger.warning("request %s could not be retried: %s", seq.request_id, exc)
                 message = f"{message}; no retry: {exc}"
+        self._end_failed(seq, te, role, message, emitted, message_is_final=True)
+
+    def _end_failed(
+        self,
+        seq: _Seq,
+        te: _TE | None,
+        role: TERole | None,
+        reason: str,
+        emitted: list[EngineCoreOutput],
+        *,
+        message_is_final: bool = False,
+    ) -> None:
+        """End the sequence with an abort naming what failed (its `role` task on `te`; None: the sequence
+        as a whole); its tasks take their final states."""
+        message = reason if message_is_final or te is None else f"task executor {te.te_id} failed: {reason}"
+        for other in seq.live_legs():
+            self._close_leg(other, abort=True)
         for task_role, task in seq.tasks.items():
             if seq.aborted:
                 self._move_task(seq, task, State.ABORTED, error=message)
-            elif task_role == role:
+            elif role is None or task_role == role:
                 self._move_task(seq, task, State.FAILED, error=message)
             else:
                 self._move_task(seq, task, State.ABORTED, error=f"its {role} task failed: {message}")

@@ -120,7 +120,9 @@ def request(request_id: str, max_tokens: int = 4, **extra: Any) -> EngineCoreReq
 class Cluster:
     """A model's TEs: `te-pN` prefill, `te-dN` decode, `te-N` colocated, over one routing client."""
 
-    def __init__(self, prefill: int = 1, decode: int = 1, colocated: int = 0, **router: Any) -> None:
+    def __init__(
+        self, prefill: int = 1, decode: int = 1, colocated: int = 0, clock: Any = None, **router: Any
+    ) -> None:
         ids = [f"te-p{i}" for i in range(prefill)] + [f"te-d{i}" for i in range(decode)]
         ids += [f"te-{i}" for i in range(colocated)]
         self.te = {te_id: FakeTE(te_id) for te_id in ids}
@@ -139,6 +141,8 @@ class Cluster:
             roles=roles,
             router=self.router,
             kv_transfer=KVTransferSpec(timeout_s=5, lease_s=6),
+            park_s=10,
+            **({"clock": clock} if clock is not None else {}),
         )
         self.group.start()
 
@@ -499,6 +503,43 @@ def test_job_records_encode_with_both_tasks() -> None:
             ("prefill", "r#0"),
             ("decode", "r#0"),
         ]
+        c.group.shutdown()
+
+    run(scenario)
+
+
+def test_a_retry_with_no_pair_left_waits_for_the_restarted_te_within_a_bound() -> None:
+    """1P+1D: the decode TE dies mid-transfer; the request (not streamed) waits for the cluster manager's
+    restart of it — bounded: past `park_s` it fails naming why; a client abort ends the wait at once."""
+
+    async def scenario() -> None:
+        now = [0.0]
+        c = Cluster(clock=lambda: now[0])
+        c.group.add_request(request("r"))
+        c.group.add_request(request("s"))
+        c.group.add_request(request("t"))
+        d = c.te["te-d0"]
+        d.sink("r")
+        await c.outputs(1)
+        d.kill()
+        assert await c.outputs(1) == []  # nobody streamed: all three wait
+        assert c.te["te-p0"].aborted == ["r"]  # P started r: its blocks are released
+        assert c.tasks("r")[1][1] == "queued" and c.state("r") == "queued"
+        c.group.abort(["t"])
+        assert await c.outputs(1) == [("t", [], "abort")] and c.state("t") == "aborted"
+        now[0] = 9.0
+        assert c.group.expire_parked() == []  # still within its bound
+        restarted = FakeTE("te-d0")
+        c.group.add_te("te-d0", restarted, TERole.DECODE)  # the CM's push of the new incarnation
+        assert sorted(rid for rid, _ in restarted.added) == ["r@2", "s@2"]
+        assert c.tasks("r")[1][2] == [("te-d0", "te_died"), ("te-d0", None)]
+        restarted.kill()
+        assert await c.outputs(1) == []  # parked again
+        now[0] = 30.0
+        expired = c.group.expire_parked()
+        assert sorted((o.request_id, o.finish_reason) for o in expired) == [("r", "abort"), ("s", "abort")]
+        assert "within 10 s" in str(expired[0].stop_reason) and c.state("r") == "failed"
+        assert c.group.live_sequences() == 0
         c.group.shutdown()
 
     run(scenario)
