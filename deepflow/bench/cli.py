@@ -77,6 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     out.add_argument("--label", default=None, help="name of this run in the table and the JSON")
     out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_bench_serve)
+    register_pd_heatmap(sub)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -116,3 +117,78 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
     return 0 if result.summary.completed else 1
+
+
+_PD_HEATMAP_DESCRIPTION = """\
+Measure JCT of a colocated and a disaggregated deployment of one model (e.g. `deepflow serve --tes 2` and
+`deepflow serve --pd 1:1`) over a grid of prefill length x (decode length / prefill length) at several RPS
+(open loop, Poisson; prompts of exact length; ignore_eos with max_tokens = decode length), and write the
+heatmap of JCT_coloc / JCT_disagg - 1 (> 0: disaggregated faster) as JSON (the PD-aware router's input,
+`router: pd_aware` with `heatmap: PATH`) and as a PNG like the paper's Figure 5."""
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def register_pd_heatmap(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the `pd-heatmap` subcommand (deepflow/bench/pd_heatmap.py) to the `deepflow` parser."""
+
+    p = sub.add_parser(
+        "pd-heatmap",
+        help="measure the colocated-vs-disaggregated JCT heatmap (paper Figure 5)",
+        description=_PD_HEATMAP_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--colocated-url", required=True, help="server root of the colocated deployment")
+    p.add_argument("--disaggregated-url", required=True, help="server root of the disaggregated deployment")
+    p.add_argument("--model", required=True, help="model name sent in every request")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--prefill-lengths", type=_ints, default=(128, 512), help="rows, e.g. 128,512")
+    p.add_argument("--ratios", type=_floats, default=(0.0625, 0.25, 1.0), help="columns: decode / prefill")
+    p.add_argument("--rps", type=_floats, default=(1.0, 4.0), help="open-loop request rates, e.g. 1,4")
+    p.add_argument("--num-prompts", type=int, default=8, help="requests per cell, RPS and deployment")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured requests per deployment first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None, help="HF folder (default: the colocated server's /tokenize)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/results/pd_heatmap"),
+        help="writes OUT.json and OUT.png",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no line per run on stderr")
+    p.set_defaults(func=cmd_pd_heatmap)
+
+
+def cmd_pd_heatmap(args: argparse.Namespace) -> int:
+    from deepflow.bench.pd_heatmap import PDHeatmapConfig, main_run
+
+    config = PDHeatmapConfig(
+        colocated_url=args.colocated_url,
+        disaggregated_url=args.disaggregated_url,
+        model=args.model,
+        prefill_lengths=args.prefill_lengths,
+        ratios=args.ratios,
+        rps=args.rps,
+        num_prompts=args.num_prompts,
+        seed=args.seed,
+        tokenizer=args.tokenizer,
+        api_key=args.api_key,
+        timeout=args.timeout,
+        warmup=args.warmup,
+        progress=not args.no_progress,
+    )
+    config.validate()
+    return main_run(config, args.out)
