@@ -11,8 +11,11 @@ from deepflow.platform.je.executor import JobExecutor
 from deepflow.platform.spec import ClusterSpec, ModelSpec
 
 
-def info(te_id: str, incarnation: int, model: str = "a") -> m.TEInfo:
+def info(
+    te_id: str, incarnation: int, model: str = "a", role: str = "colocated", path: str = "/nowhere"
+) -> m.TEInfo:
     return m.TEInfo(
+        role=role,
         te_id=te_id,
         incarnation=incarnation,
         model=model,
@@ -21,7 +24,7 @@ def info(te_id: str, incarnation: int, model: str = "a") -> m.TEInfo:
         address=f"ipc:///tmp/deepflow-test-{te_id}.{incarnation}",
         max_model_len=128,
         eos_token_ids=[2],
-        model_path="/nowhere",
+        model_path=path,
         block_size=16,
         num_kv_blocks=8,
     )
@@ -94,5 +97,51 @@ def test_any_job_executor_finds_any_job_also_after_a_restart(tmp_path: Path) -> 
         assert restarted.job("chatcmpl-2") is None
         second.shutdown()
         restarted.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_a_disaggregated_model_is_ready_with_a_prefill_and_a_decode_te(
+    tmp_path: Path, smollm2_dir: Path
+) -> None:
+    """A model served only disaggregated needs a ready TE of each role; the roles reach the JE with the
+    push (the CM's word), and a TE joining later joins its role's group."""
+
+    def pd_view(version: str, *tes: tuple[str, str]) -> m.ClusterView:
+        return m.ClusterView(
+            version=version,
+            tes=[
+                m.TEState(
+                    te_id=te_id,
+                    model="a",
+                    incarnation=1,
+                    role=role,
+                    state="ready",
+                    info=info(te_id, 1, role=role, path=str(smollm2_dir)),
+                )
+                for te_id, role in tes
+            ],
+        )
+
+    async def scenario() -> None:
+        spec = ClusterSpec(
+            models=[ModelSpec(name="a", engine=EngineConfig(), tes=0, prefill_tes=1, decode_tes=1)]
+        )
+        je = JobExecutor(spec, "je-0", tmp_path)
+        je.apply_view(pd_view("1", ("te-p0", "prefill")))
+        assert not je._all_models_ready()  # a prefill TE alone cannot serve
+        je.apply_view(pd_view("2", ("te-p0", "prefill"), ("te-d0", "decode")))
+        assert je._all_models_ready()
+        start = asyncio.create_task(je.start())
+        await asyncio.wait_for(asyncio.shield(start), 30)
+        group = je.groups["a"]
+        assert {te_id: str(te.role) for te_id, te in group.tes.items()} == {
+            "te-p0": "prefill",
+            "te-d0": "decode",
+        }
+        je.apply_view(pd_view("3", ("te-p0", "prefill"), ("te-d0", "decode"), ("te-d1", "decode")))
+        assert str(group.tes["te-d1"].role) == "decode"
+        assert group.groups().decode is not None and len(group.groups().decode.tes) == 2
+        je.shutdown()
 
     asyncio.run(scenario())
