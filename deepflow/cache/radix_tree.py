@@ -25,6 +25,7 @@ class Node:
         "device",
         "hashes",
         "host",
+        "indexed",
         "key",
         "last_access",
         "lock_ref",
@@ -45,7 +46,8 @@ class Node:
         self.pending: int | None = None  # populate transfer still copying `device` in: not readable yet
         self.hashes: list[int] | None = None  # chained block hashes, kept when residency events are on
         self.lock_ref = 0
-        self.last_access = 0
+        self.last_access = 0  # only ever grows (the tree's tick): the RTC's lazy LRU heaps rely on it
+        self.indexed = 0  # bit 1: has an entry in the RTC's device LRU heap, bit 2: in its host heap
         self.namespace: str | None = None  # roots only
 
     @property
@@ -64,6 +66,7 @@ class RadixTree:
         self.block_size = block_size
         self.roots: dict[str, Node] = {}
         self._clock = 0
+        self.num_nodes = 0  # non-root nodes in the tree (the RTC compacts its LRU heaps against it)
 
     def root(self, namespace: str) -> Node:
         node = self.roots.get(namespace)
@@ -95,12 +98,7 @@ class RadixTree:
             child = node.children.get(self.first_block(tokens, pos))
             if child is None:
                 break
-            used = 1
-            limit = min(child.num_blocks(bs), (len(tokens) - pos) // bs)
-            while used < limit and child.key[used * bs : (used + 1) * bs] == tuple(
-                tokens[pos + used * bs : pos + (used + 1) * bs]
-            ):
-                used += 1
+            used = self.matched_blocks(child, tokens, pos, (len(tokens) - pos) // bs)
             child.last_access = now
             path.append((child, used))
             pos += used * bs
@@ -109,6 +107,23 @@ class RadixTree:
             node = child
         return path, node
 
+    def matched_blocks(self, child: Node, tokens: list[int], pos: int, limit: int) -> int:
+        """How many of `child`'s blocks (at most `limit`) equal the blocks of `tokens` from `pos`; the first
+        is known to match (children are keyed by it)."""
+        bs = self.block_size
+        size = len(child.key)
+        # One comparison of the whole edge first (the common case: a cached prefix followed in full), so
+        # a long edge costs one slice instead of a tuple per block.
+        if size <= limit * bs and child.key == tuple(tokens[pos : pos + size]):
+            return size // bs
+        used = 1
+        limit = min(size // bs, limit)
+        while used < limit and child.key[used * bs : (used + 1) * bs] == tuple(
+            tokens[pos + used * bs : pos + (used + 1) * bs]
+        ):
+            used += 1
+        return used
+
     def split(self, node: Node, num_blocks: int) -> Node:
         """Cut `node` after its first `num_blocks` blocks; return the new head (the tail keeps `node`'s
         identity, children and locks, so references to the deeper part stay valid)."""
@@ -116,6 +131,7 @@ class RadixTree:
         cut = num_blocks * bs
         assert 0 < cut < len(node.key) and node.parent is not None
         head = Node(node.key[:cut], node.parent)
+        self.num_nodes += 1
         head.lock_ref = node.lock_ref
         head.last_access = node.last_access
         head.pending = node.pending
@@ -136,6 +152,7 @@ class RadixTree:
         child.device = device
         child.last_access = self.tick()
         parent.children[key[: self.block_size]] = child
+        self.num_nodes += 1
         return child
 
     def remove_leaf(self, node: Node) -> None:
@@ -145,6 +162,7 @@ class RadixTree:
         parent = node.parent
         del parent.children[node.key[: self.block_size]]
         node.parent = None
+        self.num_nodes -= 1
         if parent.parent is None and not parent.children and parent.lock_ref == 0:
             assert parent.namespace is not None
             del self.roots[parent.namespace]

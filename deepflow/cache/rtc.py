@@ -13,8 +13,11 @@ Operations, with Table 1's meaning:
 
 Requests `commit` the blocks they have computed, which moves them from the request into the radix tree, so
 concurrent requests share a prefix as soon as it is computed. Eviction takes least-recently-used unlocked
-leaves. All of this is accounting: the model runner performs the copies this module emits as `BlockTransfer`s,
-in order, before it computes the step they were emitted with (so a block may be evicted and reused within one
+leaves: the one with the smallest (last access, serial) among those evictable now, from a heap per tier kept
+across calls (see `_index`), so an allocation on a full pool costs O(log nodes), not a walk of the tree.
+
+All of this is accounting: the model runner performs the copies this module emits as `BlockTransfer`s, in
+order, before it computes the step they were emitted with (so a block may be evicted and reused within one
 scheduling pass: its copy-out runs before anything overwrites it).
 """
 
@@ -76,6 +79,7 @@ class _Holding:
     private: set[int]  # blocks only this request uses; the rest belong to the tree
     node: Node | None  # deepest locked node: covers the request's shared prefix
     num_committed: int = 0  # leading blocks of `table` already in the tree
+    node_blocks: int = 0  # blocks from the root to the end of `node` (splits keep `node` ending there)
     num_cached_tokens: int = 0
 
 
@@ -145,6 +149,17 @@ class RelationalTensorCache:
         # Blocks committed during this scheduling pass: their K/V is computed in the coming step, after the
         # copies, so they may be shared (attention reads them after each layer writes) but not copied from.
         self._uncomputed: set[int] = set()
+        # The eviction index: a min-heap per tier of (last_access, serial, node), kept across calls. Every
+        # node evictable from a tier has an entry there (`node.indexed` says which heaps hold one; at most
+        # one each), pushed when it may have become evictable (`_index`: unlock to zero, a copy landed, a
+        # child gone, a split). Entries are checked when popped: a node no longer evictable is dropped (it
+        # is pushed again if it becomes evictable), and an entry older than the node's last access (which
+        # only grows) is pushed again with the current one. So the first valid entry popped is exactly the
+        # evictable node with the smallest (last_access, serial), the order a fresh heap of all evictable
+        # nodes gives.
+        self._device_lru: list[tuple[int, int, Node]] = []
+        self._host_lru: list[tuple[int, int, Node]] = []
+        self._pending_nodes: dict[int, list[Node]] = {}  # transfer id -> nodes it copies into
 
     # ---- sizes -------------------------------------------------------------------------------------------
     @property
@@ -176,9 +191,20 @@ class RelationalTensorCache:
     def usage(self) -> float:
         """Fraction of device blocks held by requests or locked (pinned, in use); cached blocks nobody uses
         are reclaimable and do not count."""
-        reclaimable = sum(
-            len(n.device) for n in self.tree.nodes() if n.device is not None and n.lock_ref == 0
-        )
+        # Every device block is free, private to a request or in a tree node; the locked nodes are the
+        # holders' paths to the root, so this walks those paths instead of the whole tree.
+        used = sum(len(h.private) for h in self._holdings.values())
+        seen: set[int] = set()
+        holders = [h.node for h in self._holdings.values()]
+        holders += [c.node for c in self._contexts.values()]
+        holders += [p.node for p in self._populating.values()]
+        for node in holders:
+            while node is not None and node.parent is not None and id(node) not in seen:
+                seen.add(id(node))
+                if node.device is not None:
+                    used += len(node.device)
+                node = node.parent
+        reclaimable = self.device.num_blocks - self.device.num_free - used
         return 1.0 - (self.device.num_free + reclaimable) / self.device.num_blocks
 
     # ---- lookups -----------------------------------------------------------------------------------------
@@ -251,7 +277,7 @@ class RelationalTensorCache:
             if used < node.num_blocks(bs):
                 if match.partial_src is not None:
                     partial_node = node  # the split below keeps the tail as `node`
-                node = self.tree.split(node, used)
+                node = self._split(node, used)
             locked = node
             for entry, used in match.device[:-1]:
                 shared.extend(entry.device[:used])  # type: ignore[index]
@@ -263,14 +289,14 @@ class RelationalTensorCache:
         self.tree.lock(locked)
         self.tree.lock(partial_node)  # the copy source must survive the eviction below
         fresh = self._allocate_device(self.blocks_for(num_tokens) - len(shared))
-        self.tree.unlock(partial_node)
+        self._unlock(partial_node)
         if fresh is None and partial_node is not None:
             # The locked copy source may be the one block missing (a pool full of pins and this request):
             # give up the partial hit rather than wait for a block that its own lock keeps.
             partial_src = None
             fresh = self._allocate_device(self.blocks_for(num_tokens) - len(shared))
         if fresh is None:
-            self.tree.unlock(locked)
+            self._unlock(locked)
             return None
         cached = len(shared) * bs
         if partial_src is not None and fresh:
@@ -278,13 +304,15 @@ class RelationalTensorCache:
             self.stats.partial_hits += 1
             cached += match.partial_tokens  # type: ignore[union-attr]
         table = shared + fresh
-        self._holdings[request_id] = _Holding(namespace, table, set(fresh), locked, num_cached_tokens=cached)
+        self._holdings[request_id] = _Holding(
+            namespace, table, set(fresh), locked, num_cached_tokens=cached, node_blocks=len(shared)
+        )
         # Hits are counted in whole blocks, as requests report them (a partial block's tokens would tell
         # a reader of the metrics exactly how much of a prompt another client sent).
         whole = cached // bs * bs
         populate = self._populating.pop(request_id, None)
         if populate is not None:  # the populated blocks are now part of `locked`'s path
-            self.tree.unlock(populate.node)
+            self._unlock(populate.node)
             self.stats.host_hit_tokens += min(populate.num_blocks * bs, whole)
             self.stats.device_hit_tokens += max(whole - populate.num_blocks * bs, 0)
         else:
@@ -319,38 +347,52 @@ class RelationalTensorCache:
         full = min(min(len(token_ids), num_computed_tokens) // bs, len(holding.table))
         if full <= holding.num_committed:
             return
-        node = self.tree.root(holding.namespace)
-        pos = 0
+        tree = self.tree
+        start = holding.node
+        if start is not None and start.device is not None and 0 < holding.node_blocks <= full:
+            # Resume at the deepest locked node instead of matching the path again from the root: the path
+            # above it is the request's own prefix, on the device (a device node's parent is), each node of
+            # it matched in full, so a walk from the root would only touch each of them, root first. Do
+            # exactly that, so that the LRU order stays what the walk gives.
+            chain: list[Node] = []
+            while start.parent is not None:
+                chain.append(start)
+                start = start.parent
+            for above in reversed(chain):
+                above.last_access = tree.tick()
+            node = holding.node
+            pos = holding.node_blocks
+        else:
+            node = tree.root(holding.namespace)
+            pos = 0
         while pos < full:
-            child = node.children.get(self.tree.first_block(token_ids, pos * bs))
+            child = node.children.get(tree.first_block(token_ids, pos * bs))
             if child is None:
                 blocks = holding.table[pos:full]
                 parent = node
-                node = self.tree.add_child(node, tuple(token_ids[pos * bs : full * bs]), blocks)
+                node = tree.add_child(node, tuple(token_ids[pos * bs : full * bs]), blocks)
                 self._stored(parent, node, holding.namespace)
                 holding.private.difference_update(blocks)
                 self._uncomputed.update(blocks)
+                self._index(node)
                 break
-            used = 1
-            limit = min(child.num_blocks(bs), full - pos)
-            while used < limit and child.key[used * bs : (used + 1) * bs] == tuple(
-                token_ids[(pos + used) * bs : (pos + used + 1) * bs]
-            ):
-                used += 1
+            used = tree.matched_blocks(child, token_ids, pos * bs, full - pos)
             if used < child.num_blocks(bs):
-                child = self.tree.split(child, used)
+                child = self._split(child, used)
             if child.device is None:  # host-only: our freshly computed blocks bring it back to the device
                 ids = holding.table[pos : pos + used]
                 if holding.private.issuperset(ids):
                     child.device = ids
                     holding.private.difference_update(ids)
                     self._uncomputed.update(ids)
-            child.last_access = self.tree.tick()
+                    self._index(child)
+            child.last_access = tree.tick()
             node = child
             pos += used
-        self.tree.lock(node)
-        self.tree.unlock(holding.node)
+        tree.lock(node)
+        self._unlock(holding.node)
         holding.node = node
+        holding.node_blocks = full
         holding.num_committed = full
 
     def free(self, request_id: str) -> None:
@@ -359,7 +401,7 @@ class RelationalTensorCache:
         holding = self._holdings.pop(request_id, None)
         if holding is None:
             return
-        self.tree.unlock(holding.node)
+        self._unlock(holding.node)
         self.device.free(sorted(holding.private))
 
     # ---- host tier -----------------------------------------------------------------------------------
@@ -376,13 +418,13 @@ class RelationalTensorCache:
         entries = list(match.host)
         node, used = entries[-1]
         if used < node.num_blocks(bs):
-            entries[-1] = (self.tree.split(node, used), used)
+            entries[-1] = (self._split(node, used), used)
         target = entries[-1][0]
         self.tree.lock(target)
         count = sum(used for _, used in entries)
         fresh = self._allocate_device(count)
         if fresh is None:
-            self.tree.unlock(target)
+            self._unlock(target)
             return False
         transfer_id = next(self._transfer_ids)
         src: list[int] = []
@@ -394,6 +436,7 @@ class RelationalTensorCache:
             offset += used
         self._emit("h2d", src, fresh, transfer_id)
         self._inflight[transfer_id] = (self._clock(), count)
+        self._pending_nodes[transfer_id] = [entry for entry, _ in entries]
         self._populating[request_id] = _Populate(target, transfer_id, count)
         self.stats.populates += 1
         return True
@@ -403,7 +446,7 @@ class RelationalTensorCache:
         has landed), and its next match finds them on the device if nobody evicted them meanwhile."""
         populate = self._populating.pop(request_id, None)
         if populate is not None:
-            self.tree.unlock(populate.node)
+            self._unlock(populate.node)
 
     def query_populate(self, request_id: str) -> bool:
         """True when the request has no populate in flight (never started one, or its copy is done)."""
@@ -422,10 +465,13 @@ class RelationalTensorCache:
                 continue
             done.add(transfer_id)
             self.stats.populate_latencies.append(now - issued[0])
-        if done:
-            for node in self.tree.nodes():
-                if node.pending in done:
+        for transfer_id in done:
+            # The nodes the copy landed in (and heads split off them since), not a walk of the tree; some
+            # may have been dropped meanwhile (`reset`), which is harmless.
+            for node in self._pending_nodes.pop(transfer_id, ()):
+                if node.pending == transfer_id:
                     node.pending = None
+                    self._index(node)
 
     def observe_step(self, num_tokens: int, seconds: float, copied_blocks: int, copy_seconds: float) -> None:
         self.cost_model.observe_step(num_tokens, seconds)
@@ -522,29 +568,92 @@ class RelationalTensorCache:
             return False
         return node.device is not None or (not node.children and node.lock_ref == 0)
 
-    def _evict(self, count: int, evictable: Callable[[Node], bool], evict: Callable[[Node], None]) -> None:
+    # The index (see __init__). Bits of `Node.indexed`:
+    _IN_DEVICE_LRU = 1
+    _IN_HOST_LRU = 2
+
+    def _index(self, node: Node) -> None:
+        """Give `node` an entry in each tier's LRU heap it is evictable from and has none in. Called wherever
+        a node may become evictable; being called where it did not is harmless."""
+        if node.parent is None:  # a root, or a node no longer in the tree
+            return
+        indexed = node.indexed
+        if not indexed & 1 and self._device_evictable(node):
+            heapq.heappush(self._device_lru, (node.last_access, node.serial, node))
+            indexed |= 1
+        if not indexed & 2 and self._host_evictable(node):
+            heapq.heappush(self._host_lru, (node.last_access, node.serial, node))
+            indexed |= 2
+        node.indexed = indexed
+
+    def _unlock(self, node: Node | None) -> None:
+        """`RadixTree.unlock`, indexing each node whose last lock goes (it may now be evictable)."""
+        while node is not None:
+            node.lock_ref -= 1
+            assert node.lock_ref >= 0, "unbalanced radix tree unlock"
+            if node.lock_ref == 0:
+                self._index(node)
+            node = node.parent
+
+    def _split(self, node: Node, num_blocks: int) -> Node:
+        """`RadixTree.split`; the new head may be evictable (host tier) or still being copied into."""
+        head = self.tree.split(node, num_blocks)
+        if head.pending is not None:
+            self._pending_nodes[head.pending].append(head)
+        self._index(head)
+        return head
+
+    def _compact(self, heap: list[tuple[int, int, Node]], bit: int) -> None:
+        """Drop the entries of nodes no longer in the tree, once they outnumber the live nodes: nodes leave
+        the tree (dropped subtrees, reset) without their entries being popped."""
+        if len(heap) <= 2 * self.tree.num_nodes + 1024:
+            return
+        kept = []
+        for entry in heap:
+            if entry[2].parent is not None:
+                kept.append(entry)
+            else:
+                entry[2].indexed &= ~bit
+        heapq.heapify(kept)
+        heap[:] = kept
+
+    def _evict(
+        self,
+        count: int,
+        heap: list[tuple[int, int, Node]],
+        bit: int,
+        evictable: Callable[[Node], bool],
+        evict: Callable[[Node], None],
+    ) -> None:
         """Evict least-recently-used candidates (splitting the last one) until `count` blocks are freed."""
-        heap = [(n.last_access, n.serial, n) for n in self.tree.nodes() if evictable(n)]
-        heapq.heapify(heap)
+        self._compact(heap, bit)
+        pop, push = heapq.heappop, heapq.heappush
         while count > 0 and heap:
-            _, _, node = heapq.heappop(heap)
+            last_access, serial, node = pop(heap)
+            node.indexed &= ~bit
             if node.parent is None or not evictable(node):
+                continue  # gone, or not evictable now: indexed again when it may be
+            if last_access != node.last_access:  # used since it was indexed: it belongs further on
+                push(heap, (node.last_access, serial, node))
+                node.indexed |= bit
                 continue
             size = len(node.key) // self.block_size
             if size > count:
-                self.tree.split(node, size - count)  # `node` keeps the tail, which is evicted
+                self._split(node, size - count)  # `node` keeps the tail, which is evicted
                 size = count
             parent = node.parent
             evict(node)
             count -= size
-            if evictable(parent):
-                heapq.heappush(heap, (parent.last_access, parent.serial, parent))
+            self._index(node)  # moved to the host tier: evictable from there (unless it was removed)
+            self._index(parent)  # its last child in this tier may have gone
 
     def _evict_device(self, count: int) -> None:
-        self._evict(count, self._device_evictable, self._evict_device_node)
+        self._evict(
+            count, self._device_lru, self._IN_DEVICE_LRU, self._device_evictable, self._evict_device_node
+        )
 
     def _evict_host(self, count: int) -> None:
-        self._evict(count, self._host_evictable, self._evict_host_node)
+        self._evict(count, self._host_lru, self._IN_HOST_LRU, self._host_evictable, self._evict_host_node)
 
     def _evict_device_node(self, node: Node) -> None:
         blocks = node.device
@@ -592,7 +701,10 @@ class RelationalTensorCache:
         while stack:
             node = stack.pop()
             if node.lock_ref == 0 and node.pending is None:
+                parent = node.parent
                 self._drop_subtree(node)
+                assert parent is not None
+                self._index(parent)  # a child gone: it may be a leaf of a tier now
             else:
                 stack.extend(node.children.values())
         return self.device.num_free - before
@@ -632,7 +744,7 @@ class RelationalTensorCache:
         if path:
             node, used = path[-1]
             if used < node.num_blocks(bs):
-                node = self.tree.split(node, used)
+                node = self._split(node, used)
         self.tree.lock(node)
         tokens = sum(used for _, used in path) * bs
         self._contexts[context_id] = _Context(holding.namespace, node, tokens, expires_at)
@@ -643,7 +755,7 @@ class RelationalTensorCache:
         context = self._contexts.pop(context_id, None)
         if context is None:
             return False
-        self.tree.unlock(context.node)
+        self._unlock(context.node)
         return True
 
     def expire_contexts(self, now: float) -> list[str]:
@@ -693,5 +805,27 @@ class RelationalTensorCache:
 
         for root in self.tree.roots.values():
             expected_locks(root)
+        self._check_index()
         assert sorted(device_owners) == list(range(self.device.num_blocks)), "device blocks lost or shared"
         assert sorted(host_owners) == list(range(self.host.num_blocks)), "host blocks lost or shared"
+
+    def _check_index(self) -> None:
+        """The eviction index against a brute-force recomputation: every node evictable from a tier has
+        exactly one entry in its heap, no older than its last access, and `indexed` says which heaps hold
+        an entry of each node."""
+        nodes = list(self.tree.nodes())
+        assert self.tree.num_nodes == len(nodes), f"num_nodes {self.tree.num_nodes} != {len(nodes)}"
+        for heap, bit, evictable in (
+            (self._device_lru, self._IN_DEVICE_LRU, self._device_evictable),
+            (self._host_lru, self._IN_HOST_LRU, self._host_evictable),
+        ):
+            entries: dict[int, int] = {}
+            for last_access, serial, node in heap:
+                assert id(node) not in entries, "two entries of one node in an LRU heap"
+                entries[id(node)] = last_access
+                assert serial == node.serial and last_access <= node.last_access, "entry newer than its node"
+                assert node.indexed & bit, "an entry of a node not marked as indexed"
+            for node in nodes:
+                assert bool(node.indexed & bit) == (id(node) in entries), "indexed bit out of step with heap"
+                if evictable(node):
+                    assert id(node) in entries, f"evictable node missing from the LRU heap (bit {bit})"
