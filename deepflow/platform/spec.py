@@ -47,9 +47,10 @@ _SIZE_FIELDS = ("kv_cache_memory", "host_cache_memory")
 # TE ids by role: te-0, te-1 (colocated), te-p0 (prefill), te-d0 (decode); numbered across models.
 TE_ID_PREFIX = {TERole.COLOCATED: "te-", TERole.PREFILL: "te-p", TERole.DECODE: "te-d"}
 
-# The engine's KV-transfer switch (EngineConfig, issue 12 part 2): the one place the platform turns it on
-# for prefill and decode TEs. The value is the TE's role, for an engine that wants to know its side.
+# The engine's KV-transfer switch (EngineConfig.kv_transfer, issue 12 part 2; its DistFlow agent named
+# after the TE): `ModelSpec.engine_for` is the one place the platform turns it on, for P and D TEs.
 KV_TRANSFER_SWITCH = "kv_transfer"
+KV_AGENT_NAME = "kv_agent_name"
 
 
 class KVTransferSpec(msgspec.Struct, kw_only=True, frozen=True):
@@ -115,13 +116,18 @@ class ModelSpec(msgspec.Struct, kw_only=True):
         except (TypeError, ValueError) as exc:
             raise ValueError(f"model {self.name}: router {self.router!r}: {exc}") from None
 
-    def engine_for(self, role: TERole) -> EngineConfig:
-        """The engine config of one of the model's `role` TEs: P and D TEs have KV transfer on."""
+    def engine_for(self, role: TERole, te_id: str | None = None) -> EngineConfig:
+        """The engine config of one of the model's `role` TEs: P and D TEs have KV transfer on, their
+        DistFlow agent named after the TE."""
         if role == TERole.COLOCATED:
             return self.engine
-        if KV_TRANSFER_SWITCH not in {f.name for f in dataclasses.fields(EngineConfig)}:
+        fields = {f.name for f in dataclasses.fields(EngineConfig)}
+        if KV_TRANSFER_SWITCH not in fields:
             return self.engine  # an engine without the connector yet: the TE serves, transfers fail
-        return dataclasses.replace(self.engine, **{KV_TRANSFER_SWITCH: str(role)})
+        changes: dict[str, Any] = {KV_TRANSFER_SWITCH: True}
+        if te_id is not None and KV_AGENT_NAME in fields:
+            changes[KV_AGENT_NAME] = te_id
+        return dataclasses.replace(self.engine, **changes)
 
 
 class ClusterSpec(msgspec.Struct, kw_only=True):

@@ -209,7 +209,10 @@ def test_prefill_and_decode_tes_run_with_kv_transfer_on(smollm2_dir: Path) -> No
     assert model.engine_for(TERole.COLOCATED) is model.engine
     fields = EngineConfig.__dataclass_fields__
     for role in (TERole.PREFILL, TERole.DECODE):
-        engine = model.engine_for(role)
+        engine = model.engine_for(role, "te-p0")
         if KV_TRANSFER_SWITCH in fields:  # the engine's connector is there
-            assert getattr(engine, KV_TRANSFER_SWITCH) and not getattr(model.engine, KV_TRANSFER_SWITCH)
+            assert getattr(engine, KV_TRANSFER_SWITCH) is True and not getattr(
+                model.engine, KV_TRANSFER_SWITCH
+            )
+            assert engine.kv_agent_name == "te-p0"  # type: ignore[attr-defined]
         assert engine.model == model.engine.model
