@@ -46,6 +46,17 @@ class EngineConfig:
     # The compute path: "kernels" (FlowServe's C++ ops: paged attention, fused norm/rope/SiLU, small-batch
     # GEMV; CPU with AVX512-BF16), "torch" (plain torch ops, any device), "auto" (kernels where they run).
     backend: str = "auto"
+    # Prefill/decode disaggregation (engine/kv_transfer.py): the KV pool lives in named shared memory
+    # (`flow.allocate_kv_pool`) and a DistFlow `TransferAgent` serves it, so this engine can be the prefill
+    # or the decode side of any request (it stays colocated for the others). CPU only.
+    kv_transfer: bool = False
+    kv_agent_name: str | None = None  # the agent's (unique) name; None: "engine-<pid>-<random>". A TE: its id
+    kv_agent_host: str = "127.0.0.1"  # where the agent listens
+    kv_agent_port: int = 0  # 0: a free port
+    kv_agent_advertise: str | None = None  # the host peers connect to, when listening on 0.0.0.0
+    # How long a decode request that ended before all its KV arrived keeps its blocks (the prefill side may
+    # still be writing into them): past any transfer deadline and prefill lease (both 30 s by default).
+    kv_quarantine_s: float = 60.0
 
     def torch_dtype(self) -> torch.dtype:
         try:

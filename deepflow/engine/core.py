@@ -19,15 +19,24 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from deepflow.cache.rtc import RelationalTensorCache
 from deepflow.engine.config import EngineConfig
-from deepflow.engine.model_runner import ModelRunner
+from deepflow.engine.kv_connector.scheduler import KVConnectorScheduler
+from deepflow.engine.kv_transfer import KVPrefilled
+from deepflow.engine.model_runner import KVTransferSetup, ModelRunner
 from deepflow.engine.request import EngineCoreOutput, EngineCoreRequest, ModelRunnerOutput
 from deepflow.engine.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
+
+# With KV transfers pending and nothing to compute, a step waits this long for DistFlow (or a command) instead
+# of spinning: the loop still drains commands at least this often.
+KV_IDLE_WAIT_S = 0.002
 
 # The bf16 linears (PackedLinear: oneDNN's inner product on a pre-reordered weight) get one oneDNN
 # primitive per input shape, and a step's row count is its token count: nearly every step with a prefill
@@ -52,7 +61,8 @@ def bound_onednn_caches(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock`: the scheduler's (queue times, context TTLs, KV transfer deadlines); tests inject one."""
         bound_onednn_caches()
         self.config = config
         self.model_path = config.model_path()
@@ -70,6 +80,7 @@ class EngineCore:
             config.device,
             config.backend,
             config.cpu_ids if config.pin_threads else [],
+            self._kv_setup(config),
         ).result()
         args = self.runner.model.args
         pool_tokens = self.runner.num_blocks * config.block_size
@@ -97,6 +108,12 @@ class EngineCore:
             max_context_tokens=max_context_tokens,
             kv_events=config.kv_events,
         )
+        self.kv_worker = self.runner.kv_worker
+        kv_connector = (
+            KVConnectorScheduler(self.kv_worker.identity, config.block_size, config.kv_quarantine_s)
+            if self.kv_worker is not None
+            else None
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -105,9 +122,24 @@ class EngineCore:
                 enable_chunked_prefill=config.enable_chunked_prefill,
             ),
             self.cache,
+            clock,
+            kv_connector,
         )
         self._inflight: Future[ModelRunnerOutput] | None = None
         self._inflight_long = False  # the step in flight has more than async_max_step_tokens tokens
+        self._idle = False  # the last step had nothing to run
+
+    @staticmethod
+    def _kv_setup(config: EngineConfig) -> KVTransferSetup | None:
+        if not config.kv_transfer:
+            return None
+        name = config.kv_agent_name or f"engine-{os.getpid()}-{secrets.token_hex(3)}"
+        return KVTransferSetup(name, config.kv_agent_host, config.kv_agent_port, config.kv_agent_advertise)
+
+    @property
+    def kv_sink_address(self) -> str | None:
+        """This engine's DistFlow agent (None without kv_transfer)."""
+        return self.kv_worker.identity.agent_address if self.kv_worker is not None else None
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -118,6 +150,9 @@ class EngineCore:
 
     def abort(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         return self.scheduler.abort(request_ids)
+
+    def kv_prefilled(self, command: KVPrefilled) -> list[EngineCoreOutput]:
+        return self.scheduler.kv_prefilled(command)
 
     def release_context(self, context_id: str) -> bool:
         return self.scheduler.release_context(context_id)
@@ -130,9 +165,33 @@ class EngineCore:
             self.scheduler.has_unfinished_requests()
             or self.scheduler.has_executor_updates()
             or self._inflight is not None
+            or self.scheduler.has_kv_work()
         )
 
+    def _kv_sync(self) -> None:
+        """Between the two halves of the KV connector, on this thread: what the runner side saw goes to the
+        scheduler side; the sinks the scheduler opened or closed go to the runner side (before the sink
+        reaches anyone, so the first byte for it is counted)."""
+        worker = self.kv_worker
+        if worker is None:
+            return
+        self.scheduler.update_kv_connector_output(worker.poll())
+        kv = self.scheduler.kv
+        assert kv is not None
+        worker.expect(kv.take_new_sinks())
+        worker.drop(kv.take_dropped_sinks())
+
     def step(self) -> list[EngineCoreOutput]:
+        self._kv_sync()
+        outputs = self._step()
+        self._kv_sync()
+        kv_outputs = self.scheduler.take_kv_outputs()
+        if self.kv_worker is not None and self._idle and not outputs and not kv_outputs:
+            self.kv_worker.wait(KV_IDLE_WAIT_S)  # only transfers to wait for: no spinning
+        return kv_outputs + outputs if kv_outputs else outputs
+
+    def _step(self) -> list[EngineCoreOutput]:
+        self._idle = False
         if self._inflight is not None and self._inflight_long:
             # A long step in flight: collect it and plan nothing yet, so the caller admits what arrived
             # while it ran and the next plan (made after it) includes those requests.
@@ -140,6 +199,11 @@ class EngineCore:
             self._inflight = None
             return outputs
         scheduled = self.scheduler.schedule()
+        if self.kv_worker is not None:  # the sinks just reserved, before the step (a peer may write at once)
+            kv = self.scheduler.kv
+            assert kv is not None
+            self.kv_worker.expect(kv.take_new_sinks())
+        self._idle = not scheduled.has_executor_work and self._inflight is None
         if not self.config.async_scheduling:
             return self.scheduler.update_from_output(
                 self._model_thread.submit(self.runner.execute, scheduled).result()
@@ -161,4 +225,5 @@ class EngineCore:
         if self._inflight is not None:
             self._inflight.result()
             self._inflight = None
+        self._model_thread.submit(self.runner.close).result()
         self._model_thread.shutdown(wait=True)

@@ -106,6 +106,8 @@ def run_core_loop(
                     )
             elif isinstance(command, AbortRequests):
                 outputs.extend(core.abort(command.request_ids))
+            elif isinstance(command, KVPrefilled):
+                outputs.extend(core.kv_prefilled(command))
             elif isinstance(command, ReleaseContext):
                 core.release_context(command.context_id)
             elif isinstance(command, ResetPrefixCache):

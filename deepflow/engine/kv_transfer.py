@@ -57,6 +57,9 @@ class KVSink(msgspec.Struct, kw_only=True, frozen=True):
     incarnation: str  # the agent's incarnation: a restarted decode TE refuses (and voids) old transfers
     block_ids: list[int]  # the decode TE's blocks for the prompt, in order (ceil(prompt_len / block_size))
     num_local_tokens: int  # prompt tokens (whole blocks) the decode TE already holds: sent from there on
+    # This reservation's id, unique per decode TE incarnation: the prefill TE tags its transfers with it (not
+    # with the request id), so bytes meant for an earlier reservation of a reused request id never count.
+    sink_id: str = ""
 
 
 class KVConsume(msgspec.Struct, kw_only=True, frozen=True, tag="consume"):

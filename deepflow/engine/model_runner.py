@@ -17,6 +17,7 @@ import torch
 
 from deepflow.cache.rtc import BlockTransfer
 from deepflow.engine.attention import AttentionMetadata
+from deepflow.engine.kv_connector.worker import KVConnectorWorker
 from deepflow.engine.models.llama import LlamaModel, load_model
 from deepflow.engine.request import Logprobs, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from deepflow.engine.sampler import RequestSamplingState, Sampler, make_state
@@ -49,6 +50,36 @@ def _common_prefix(tables: list[list[int]]) -> int:
     return count
 
 
+@dataclass(frozen=True)
+class KVTransferSetup:
+    """What the runner needs to join prefill/decode disaggregation (from `EngineConfig`)."""
+
+    agent_name: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    advertise: str | None = None
+
+
+def kv_layout(model: LlamaModel, model_path: Path, dtype: torch.dtype, block_size: int):  # type: ignore[no-untyped-def]
+    """The DistFlow compatibility descriptor of this engine's KV pool: two TEs exchange KV only when the
+    model (its config.json, hashed), dtype and KV geometry agree."""
+    import hashlib
+
+    from deepflow.flow import LayoutDescriptor
+
+    args = model.args
+    digest = hashlib.sha256((Path(model_path) / "config.json").read_bytes()).hexdigest()[:16]
+    return LayoutDescriptor(
+        model_id=Path(model_path).name,
+        dtype=str(dtype).removeprefix("torch."),
+        num_layers=args.num_layers,
+        num_kv_heads=args.num_kv_heads,
+        head_dim=args.head_dim,
+        block_size=block_size,
+        extra={"config": digest},
+    )
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -63,6 +94,7 @@ class ModelRunner:
         device: str = "cpu",
         backend: str = "auto",
         cpu_ids: list[int] | None = None,
+        kv_transfer: KVTransferSetup | None = None,
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -73,13 +105,36 @@ class ModelRunner:
         self.num_blocks = num_blocks or max(kv_cache_memory // kv_bytes_per_block(self.model, block_size), 1)
         args = self.model.args
         shape = (args.num_kv_heads, self.num_blocks, block_size, args.head_dim)
-        self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=dtype, device=self.device),
-                torch.zeros(shape, dtype=dtype, device=self.device),
+        self.kv_worker: KVConnectorWorker | None = None
+        self._kv_pool = None
+        if kv_transfer is not None:
+            # In named shared memory, so that a peer on this host copies straight into (or out of) it.
+            from deepflow.flow import KVPoolLayout, allocate_kv_pool
+
+            if self.device.type != "cpu":
+                raise ValueError("kv_transfer needs the KV pool in CPU memory (device 'cpu')")
+            pool = KVPoolLayout(
+                layout=kv_layout(self.model, Path(model_path), dtype, block_size), num_blocks=self.num_blocks
             )
-            for _ in range(args.num_layers)
-        ]
+            self._kv_pool = allocate_kv_pool(pool)
+            self.kv_caches = self._kv_pool.kv_caches
+            self.kv_worker = KVConnectorWorker(
+                kv_transfer.agent_name,
+                pool.layout,
+                pool,
+                self._kv_pool.segment,
+                host=kv_transfer.host,
+                port=kv_transfer.port,
+                advertise=kv_transfer.advertise,
+            )
+        else:
+            self.kv_caches = [
+                (
+                    torch.zeros(shape, dtype=dtype, device=self.device),
+                    torch.zeros(shape, dtype=dtype, device=self.device),
+                )
+                for _ in range(args.num_layers)
+            ]
         # The host tier of the Relational Tensor Cache: same layout, its own budget. On CPU both tiers are
         # RAM but distinct, with real copies; on a GPU it is pinned host memory. `zeros` touches
         # every page now (~0.2 s a GiB): the budget is taken at start, so a machine short of memory fails
@@ -118,6 +173,16 @@ class ModelRunner:
         torch.ops.deepflow.init_cpu_threads(ids)
         return ids
 
+    def close(self) -> None:
+        """The KV connector's agent and shared pool (the segment is unlinked; views die with the runner)."""
+        if self.kv_worker is not None:
+            self.kv_worker.close()
+            self.kv_worker = None
+        if self._kv_pool is not None:
+            self.kv_caches = []
+            self._kv_pool.close()
+            self._kv_pool = None
+
     # ---- state diffs -------------------------------------------------------------------------------
     def _apply(self, out: SchedulerOutput) -> None:
         for request_id in out.preempted_request_ids:
@@ -127,8 +192,13 @@ class ModelRunner:
         for request_id in out.finished_request_ids:
             self.requests.pop(request_id, None)
             self._parked.pop(request_id, None)
+            if self.kv_worker is not None:
+                self.kv_worker.forget(request_id)
         for new in out.new_requests:
             self.requests[new.request_id] = self._new_state(new)
+        if self.kv_worker is not None:
+            for start in out.kv_produce:
+                self.kv_worker.start(start)
         for cached in out.cached_requests:
             self.requests[cached.request_id].block_ids.extend(cached.new_block_ids)
 
@@ -221,12 +291,23 @@ class ModelRunner:
             block_size=bs,
             cascade_blocks=cascade,
         )
+        worker = self.kv_worker
+        plan = worker.plan(out.num_scheduled_tokens, self.requests) if worker is not None else []
+        after_layer = None
+        if plan and worker is not None and worker.wants_layers(plan):
+
+            def after_layer(layer: int) -> None:
+                worker.after_layer(plan, layer)
+
         logits = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=device),
             self.kv_caches,
             meta,
             torch.tensor(logits_indices, dtype=torch.long, device=device),
+            after_layer,
         )
+        if plan and worker is not None:
+            worker.after_forward(plan)  # by request: the prompt's KV is complete in every layer now
         for request_id, num_new in order:
             self.requests[request_id].num_computed_tokens += num_new
         if not sampling_ids:

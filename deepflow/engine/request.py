@@ -15,6 +15,7 @@ import msgspec
 from deepflow.cache.events import KVEvent
 from deepflow.cache.rtc import BlockTransfer
 from deepflow.engine.contexts import CreateContext
+from deepflow.engine.kv_transfer import KVSink, KVTransfer
 from deepflow.engine.sampling_params import SamplingParams
 
 
@@ -22,6 +23,9 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"  # waiting again, its KV dropped; recomputed on resume
+    # A prefill TE's request (KVProduce) after its first token: off the running list, its blocks held until
+    # the decode TE has every byte (or the lease ends); never scheduled again.
+    SENDING_KV = "sending_kv"
     FINISHED = "finished"
 
 
@@ -46,6 +50,9 @@ class EngineCoreRequest(msgspec.Struct, kw_only=True):
     # Its outputs reach the client only when it ends (not streamed): if its TE fails, it may start over
     # on another even after producing tokens.
     restartable: bool = False
+    # Prefill/decode disaggregation (engine/kv_transfer.py): this TE consumes the prompt's KV from a prefill
+    # TE (KVConsume) or prefills and produces it for a decode TE (KVProduce); None: colocated.
+    kv_transfer: KVTransfer | None = None
 
 
 class Request:
@@ -66,6 +73,7 @@ class Request:
         self.cache_salt = core_request.cache_salt
         self.context_id = core_request.context_id
         self.create_context = core_request.create_context
+        self.kv_transfer = core_request.kv_transfer
         self.context_pinned_tokens: int | None = None
         room = max_model_len - len(self.prompt_token_ids)
         self.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
@@ -122,6 +130,16 @@ class CachedRequestData(msgspec.Struct, kw_only=True):
     new_block_ids: list[int]
 
 
+class KVProduceStart(msgspec.Struct, kw_only=True, frozen=True):
+    """A prefill request's send order for the runner-side KV connector (engine/kv_connector/)."""
+
+    request_id: str
+    sink: KVSink
+    mode: str  # KVMode
+    tag: str  # DistFlow tag prefix of its transfers: the sink's id (a reservation, not a request id)
+    timeout_s: float  # deadline of each of its transfers (its lease: no write outlives it)
+
+
 class SchedulerOutput(msgspec.Struct, kw_only=True):
     new_requests: list[NewRequestData]
     cached_requests: list[CachedRequestData]
@@ -134,6 +152,8 @@ class SchedulerOutput(msgspec.Struct, kw_only=True):
     # KV copies (evictions to the host tier, populates back, copy-on-write of a partial block) to perform in
     # order before this step's tokens are computed.
     kv_transfers: list[BlockTransfer] = msgspec.field(default_factory=list)
+    # Prefill requests (KVProduce) the executor sees for the first time: where their prompt KV goes.
+    kv_produce: list[KVProduceStart] = msgspec.field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -182,8 +202,13 @@ class EngineCoreOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     num_cached_tokens: int = 0
     queue_time: float | None = None  # on a request's first output: seconds from arrival to first scheduled
     context_pinned_tokens: int | None = None  # a context-creating request's pinned tokens, when it finishes
-    error_type: str | None = None  # a rejected request: "invalid" or "context_limit"
+    # A rejected request: "invalid" or "context_limit"; a disaggregated one (engine/kv_transfer.py) that
+    # failed: "kv_timeout" (a decode TE waited past KVConsume.timeout_s) or "kv_transfer" (the transfer
+    # failed, the peer aborted, or the prefill TE's lease ran out).
+    error_type: str | None = None
     restarted: bool = False  # the sequence starts over on another TE: forget what it produced so far
+    kv_sink: KVSink | None = None  # a decode TE's first output for a KVConsume request: where to push KV
+    kv_transferred: bool = False  # a prefill TE's final output: the decode TE acknowledged every byte
 
 
 class SchedulerStats(msgspec.Struct, kw_only=True):

@@ -16,6 +16,14 @@ a priority and stops at the first request that does not fit, so the running requ
 What remains held then is only pinned contexts, capped below the pool by `max_context_tokens`; a request
 that could not fit even beside the largest allowed pins is refused by `add_request`.
 
+Disaggregated requests (engine/kv_transfer.py) go through the scheduler side of the KV connector
+(`engine/kv_connector/scheduler.py`). A decode request (KVConsume) reserves its prompt's blocks (past its own
+whole-block prefix hit) in the admission pass, answers with a `KVSink`, and waits in the queue — like a
+request whose prefix is being populated — until every byte and the first token are here; it then runs as a
+request whose prompt is computed. A prefill request (KVProduce) prefills as any other, samples one token,
+leaves the running list (SENDING_KV) and ends when the runner side reports the decode TE's acknowledgements.
+Either kind leaves through `_finish`, which keeps its blocks while DistFlow may still touch them.
+
 KV blocks come from the Relational Tensor Cache (`deepflow.cache.rtc`): on admission a request starts from its
 longest cached prefix (or waits while the prefix is populated back from the host tier), and every request
 publishes the blocks it has computed, so later requests (and its own resumption after preemption) reuse them.
@@ -29,11 +37,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from deepflow.cache.rtc import PrefixMatch, RelationalTensorCache
+from deepflow.engine.kv_connector.base import KVConnectorOutput, SendStatus
+from deepflow.engine.kv_connector.scheduler import (
+    ConsumerState,
+    HoldKind,
+    KVConnectorScheduler,
+    ProducerState,
+)
+from deepflow.engine.kv_transfer import KVConsume, KVPrefilled, KVProduce
 from deepflow.engine.request import (
     CachedRequestData,
     EngineCoreOutput,
     EngineCoreRequest,
     FinishReason,
+    KVProduceStart,
     ModelRunnerOutput,
     NewRequestData,
     Request,
@@ -63,11 +80,15 @@ class Scheduler:
         config: SchedulerConfig,
         cache: RelationalTensorCache,
         clock: Callable[[], float] = time.monotonic,
+        kv_connector: KVConnectorScheduler | None = None,
     ) -> None:
-        """`clock`: seconds, for queue times and context TTLs (the simulator passes its virtual clock)."""
+        """`clock`: seconds, for queue times, context TTLs and the KV connector's deadlines (the simulator
+        passes its virtual clock). `kv_connector`: this engine takes part in prefill/decode disaggregation."""
         self.config = config
         self.cache = cache
         self.clock = clock
+        self.kv = kv_connector
+        self._kv_outputs: list[EngineCoreOutput] = []  # outputs made outside a step's tokens (sinks, ends)
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []  # kept sorted by (priority, arrival)
         self.running: list[Request] = []  # by (priority, arrival) from each step on; admission order between
@@ -87,7 +108,27 @@ class Scheduler:
                 f"prompt has {prompt_len} tokens; the model's context is {self.config.max_model_len} tokens "
                 "and at least one must remain for the output"
             )
+        transfer = core_request.kv_transfer
+        if transfer is not None and self.kv is None:
+            raise ValueError("this engine was not started with kv_transfer: it cannot take part in PD")
+        if self.kv is not None and self.kv.is_held(core_request.request_id):
+            raise ValueError(f"request id {core_request.request_id!r} is still in use (its KV transfer)")
+        if transfer is not None and (core_request.create_context is not None or core_request.context_id):
+            raise ValueError("a disaggregated request cannot create or use a pinned context")
+        if isinstance(transfer, KVConsume) and core_request.sampling_params.n != 1:
+            raise ValueError("a disaggregated request has n=1")
         request = Request(core_request, self.config.max_model_len, self.clock)
+        if isinstance(transfer, KVProduce):
+            # One token: the first, which the decode TE continues from.
+            request.max_tokens = 1
+            bs = self.cache.block_size
+            if len(transfer.sink.block_ids) != self.cache.blocks_for(prompt_len):
+                raise ValueError(
+                    f"the sink has {len(transfer.sink.block_ids)} blocks for a {prompt_len}-token prompt "
+                    f"(block size {bs})"
+                )
+            if transfer.sink.num_local_tokens % bs or not 0 <= transfer.sink.num_local_tokens < prompt_len:
+                raise ValueError(f"the sink's num_local_tokens {transfer.sink.num_local_tokens} is invalid")
         needed = self.cache.blocks_for(min(prompt_len + request.max_tokens, self.config.max_model_len))
         room = self.cache.num_blocks - self.cache.max_context_tokens // self.cache.block_size
         if needed > room:
@@ -98,7 +139,194 @@ class Scheduler:
         if request.create_context is not None:
             self.cache.reserve_context(request.create_context.context_id, prompt_len)
         self.requests[request.request_id] = request
+        if isinstance(transfer, KVConsume):
+            assert self.kv is not None
+            self.kv.add_consumer(request.request_id, transfer, self.clock())
+        elif isinstance(transfer, KVProduce):
+            assert self.kv is not None
+            self.kv.add_producer(request.request_id, transfer)
         self._enqueue(request)
+
+    def kv_prefilled(self, command: KVPrefilled) -> list[EngineCoreOutput]:
+        """The prefill side's first token for a decode request (unknown ids: a no-op). It becomes the
+        request's first output token, not reported again; the request may stop right there."""
+        consumer = self.kv.consumers.get(command.request_id) if self.kv is not None else None
+        request = self.requests.get(command.request_id)
+        if consumer is None or request is None or consumer.first_token is not None:
+            return []
+        if consumer.state is not ConsumerState.WAITING:
+            return []  # the protocol sends it after the sink; anything else is a stale or early message
+        consumer.first_token = command.first_token_id
+        request.output_token_ids.append(command.first_token_id)
+        reason, stop_token = request.check_stop()
+        if reason is None:
+            return []
+        self._finish(request)
+        return [
+            EngineCoreOutput(
+                request_id=request.request_id,
+                new_token_ids=[],
+                finish_reason=reason,
+                stop_reason=stop_token,
+                num_cached_tokens=request.num_cached_tokens,
+            )
+        ]
+
+    def take_kv_outputs(self) -> list[EngineCoreOutput]:
+        """Outputs the KV connector made since the last call: sinks, and requests it ended."""
+        outputs, self._kv_outputs = self._kv_outputs, []
+        return outputs
+
+    def has_kv_work(self) -> bool:
+        """Blocks held past their request's end, for DistFlow: the loop must keep polling the runner."""
+        return self.kv is not None and self.kv.has_work()
+
+    def update_kv_connector_output(self, out: KVConnectorOutput) -> None:
+        """Fold in what the runner side saw: prefill sends done or failed, decode sinks complete or
+        abandoned by their prefill side."""
+        kv = self.kv
+        if kv is None or out.empty:
+            return
+        for request_id, status in out.sends.items():
+            hold = kv.holds.get(request_id)
+            if hold is not None and hold.kind is HoldKind.IN_FLIGHT:
+                kv.release(request_id)
+                self.cache.free(request_id)
+                continue
+            producer = kv.producers.get(request_id)
+            request = self.requests.get(request_id)
+            if producer is None or request is None or producer.status is not None:
+                continue
+            producer.status = status
+            producer.error = out.send_errors.get(request_id, "")
+            if status is SendStatus.DONE:
+                if producer.state is ProducerState.SENDING:
+                    self._end_producer(request)
+                # else: the first token is still on its way (an async step); it ends the request then
+            else:
+                why = producer.error or "the transfer to the decode TE failed"
+                self._kv_fail(request, "kv_transfer", why)
+        for sink_id in out.received:
+            request_id = kv.sink_request(sink_id)
+            if request_id is None:
+                continue
+            hold = kv.holds.get(request_id)
+            if hold is not None and hold.kind is HoldKind.QUARANTINE:
+                kv.release(request_id)
+                self.cache.free(request_id)
+            elif (consumer := kv.consumers.get(request_id)) is not None:
+                consumer.received = True
+        for sink_id in out.peer_aborted:
+            request_id = kv.sink_request(sink_id)
+            if request_id is None:
+                continue
+            hold = kv.holds.get(request_id)
+            if hold is not None and hold.kind is HoldKind.QUARANTINE:
+                kv.release(request_id)
+                self.cache.free(request_id)
+                continue
+            consumer = kv.consumers.get(request_id)
+            request = self.requests.get(request_id)
+            if consumer is None or request is None or consumer.received:
+                continue  # every byte is here already: the prefill side's late abort changes nothing
+            consumer.peer_aborted = True
+            self._kv_fail(request, "kv_transfer", "the prefill TE aborted the transfer")
+
+    def _end_producer(self, request: Request) -> None:
+        self._finish(request)
+        self._kv_outputs.append(
+            EngineCoreOutput(
+                request_id=request.request_id,
+                new_token_ids=[],
+                finish_reason=FinishReason.STOP,
+                num_cached_tokens=request.num_cached_tokens,
+                kv_transferred=True,
+            )
+        )
+
+    def _kv_fail(self, request: Request, error_type: str, why: str) -> None:
+        self._finish(request)
+        self._kv_outputs.append(
+            EngineCoreOutput(
+                request_id=request.request_id,
+                new_token_ids=[],
+                finish_reason=FinishReason.ABORT,
+                stop_reason=why,
+                error_type=error_type,
+            )
+        )
+
+    def _kv_expire(self) -> None:
+        """Deadlines on the scheduler's clock: decode waits, prefill leases, quarantines."""
+        kv = self.kv
+        if kv is None:
+            return
+        now = self.clock()
+        for request_id, consumer in list(kv.consumers.items()):
+            if consumer.state is not ConsumerState.DECODING and consumer.deadline <= now:
+                self._kv_fail(
+                    self.requests[request_id],
+                    "kv_timeout",
+                    f"the prompt's KV did not arrive within {consumer.consume.timeout_s:g} s",
+                )
+        for request_id, producer in list(kv.producers.items()):
+            if producer.lease_deadline is not None and producer.lease_deadline <= now:
+                self._kv_fail(
+                    self.requests[request_id],
+                    "kv_transfer",
+                    f"the decode TE did not acknowledge the KV within the {producer.produce.lease_s:g} s "
+                    "lease",
+                )
+        for request_id in kv.expired_holds(now):
+            kv.release(request_id)
+            self.cache.free(request_id)
+
+    def _reserve_consumers(self) -> None:
+        """Decode requests reserve the blocks for their prompt, first come first served, and answer with
+        their sink. Their own whole-block prefix hit stays (the prefill TE sends from there on); a partial
+        block is not used (its copy-on-write would land after — and over — the bytes the prefill TE sends)."""
+        kv = self.kv
+        if kv is None:
+            return
+        for request in self.waiting:
+            consumer = kv.consumers.get(request.request_id)
+            if consumer is None or consumer.state is not ConsumerState.UNRESERVED:
+                continue
+            match = self._match(request)
+            if match is not None:
+                match.partial_src, match.partial_tokens = None, 0
+                match.host, match.pending = [], None  # the device part only: the rest comes from P
+            namespace = match.namespace if match is not None else request.cache_salt
+            prompt_len = len(request.prompt_token_ids)
+            table = self.cache.alloc_blocks(request.request_id, namespace, match, prompt_len)
+            if table is None:
+                break  # first come, first served
+            local = self.cache.num_cached_tokens(request.request_id)
+            bs = self.cache.block_size
+            assert local % bs == 0 and local < prompt_len
+            request.num_computed_tokens = local
+            request.num_cached_tokens = local
+            sink = kv.make_sink(request.request_id, table, local)
+            self._kv_outputs.append(
+                EngineCoreOutput(request_id=request.request_id, new_token_ids=[], kv_sink=sink)
+            )
+
+    def _admit_consumer(self, request: Request) -> NewRequestData | None:
+        """A decode request whose prompt KV is all here: it joins as a request whose prompt is computed and
+        whose first output token is known; None when the block for that token is not to be had."""
+        prompt_len = len(request.prompt_token_ids)
+        if self.cache.append_block(request.request_id, request.num_tokens) is None:
+            return None
+        request.num_computed_tokens = prompt_len
+        return NewRequestData(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=list(request.output_token_ids),
+            sampling_params=request.sampling_params,
+            eos_token_ids=sorted(request.eos_token_ids),
+            block_ids=list(self.cache.block_table(request.request_id)),
+            num_computed_tokens=prompt_len,
+        )
 
     def abort(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         outputs = []
@@ -166,6 +394,8 @@ class Scheduler:
     # ---- one step ----------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         self.cache.expire_contexts(self.clock())
+        self._kv_expire()
+        self._reserve_consumers()
         # Highest priority first (stable: admission order among equals), so a victim is never ahead.
         self.running.sort(key=lambda r: r.sort_key)
         budget = self.config.max_num_batched_tokens
@@ -188,6 +418,8 @@ class Scheduler:
                 )
             while new_blocks is None:
                 victim = self._pick_victim(index)
+                if victim is None:
+                    break  # only prefill requests with transfers left below it: it waits a step
                 self._preempt(victim)
                 preempted = True
                 if victim is request:
@@ -196,6 +428,8 @@ class Scheduler:
                     request.request_id, request.num_computed_tokens + num_new
                 )
             if new_blocks is None:
+                if request in self.running and self.running[index] is request:
+                    index += 1  # no victim: it skips this step
                 continue  # the request preempted itself; `running[index]` is now the next one
             cached_requests.append(CachedRequestData(request_id=request.request_id, new_block_ids=new_blocks))
             self._account(request, num_new, num_scheduled)
@@ -208,7 +442,23 @@ class Scheduler:
 
         forget, self._forget = self._forget, []
         preempted_ids, self._preempted = self._preempted, []
+        kv_produce = []
+        if self.kv is not None:
+            for new in new_requests:
+                producer = self.kv.producers.get(new.request_id)
+                if producer is not None and producer.state is ProducerState.QUEUED:
+                    producer.state = ProducerState.PREFILLING
+                    kv_produce.append(
+                        KVProduceStart(
+                            request_id=new.request_id,
+                            sink=producer.produce.sink,
+                            mode=str(producer.produce.mode),
+                            tag=producer.tag,
+                            timeout_s=producer.produce.lease_s,
+                        )
+                    )
         return SchedulerOutput(
+            kv_produce=kv_produce,
             new_requests=new_requests,
             cached_requests=cached_requests,
             num_scheduled_tokens=num_scheduled,
@@ -236,6 +486,10 @@ class Scheduler:
                 continue
             request.num_pending_tokens -= 1
             request.output_token_ids.append(token_id)
+            producer = self.kv.producers.get(request_id) if self.kv is not None else None
+            if producer is not None:
+                outputs.append(self._producer_token(request, token_id, logprobs))
+                continue
             reason, stop_token = request.check_stop()
             if reason is not None:
                 self._finish(request)
@@ -253,6 +507,27 @@ class Scheduler:
                 )
             )
         return outputs
+
+    def _producer_token(self, request: Request, token_id: int, logprobs) -> EngineCoreOutput:  # type: ignore[no-untyped-def]
+        """A prefill request's one token: streamed at once (not finished, whatever it is: the decode TE
+        judges the stop); the request then only waits for the acknowledgements, under its lease."""
+        assert self.kv is not None
+        producer = self.kv.producers[request.request_id]
+        producer.state = ProducerState.SENDING
+        producer.lease_deadline = self.clock() + producer.produce.lease_s
+        self.running.remove(request)
+        request.status = RequestStatus.SENDING_KV
+        first = request.first_scheduled_time is not None
+        out = EngineCoreOutput(
+            request_id=request.request_id,
+            new_token_ids=[token_id],
+            new_logprobs=[logprobs] if logprobs is not None else [],
+            num_cached_tokens=request.num_cached_tokens,
+            queue_time=request.first_scheduled_time - request.arrival_time if first else None,
+        )
+        if producer.status is SendStatus.DONE:
+            self._end_producer(request)  # acknowledged before the token came back (async steps)
+        return out
 
     # ---- internals ---------------------------------------------------------------------------------
     def _tokens_wanted(self, request: Request, budget: int) -> int:
@@ -285,6 +560,25 @@ class Scheduler:
                 continue  # preempted with a token still in flight: its ids are not all known yet
             if not self.cache.query_populate(request.request_id):
                 continue  # its prefix is still being copied in from the host tier
+            consumer = self.kv.consumers.get(request.request_id) if self.kv is not None else None
+            if consumer is not None and consumer.state is not ConsumerState.DECODING:
+                if not consumer.ready:
+                    continue  # its KV (or first token) is still on its way from the prefill TE
+                new = self._admit_consumer(request)
+                if new is None:
+                    break
+                consumer.state = ConsumerState.DECODING
+                new_requests.append(new)
+                if request.first_scheduled_time is None:
+                    request.first_scheduled_time = self.clock()
+                    self.cache.stats.queries_tokens += len(request.prompt_token_ids)
+                request.status = RequestStatus.RUNNING
+                self.running.append(request)
+                admitted.append(request)
+                num_new = request.num_tokens - request.num_computed_tokens
+                self._account(request, num_new, num_scheduled)
+                budget -= num_new
+                continue
             match = self._match(request)
             if match is not None and match.pending is not None:
                 continue  # another request's populate is bringing this prefix in: wait for it
@@ -390,9 +684,14 @@ class Scheduler:
                 reclaimed = True
         return reclaimed
 
-    def _pick_victim(self, index: int) -> Request:
-        """The lowest-priority, latest request not yet scheduled this step; else the current one."""
+    def _pick_victim(self, index: int) -> Request | None:
+        """The lowest-priority, latest request not yet scheduled this step; else the current one. Never a
+        prefill request whose transfers may be reading its blocks (None when only those are left)."""
         candidates = self.running[index:]
+        if self.kv is not None:
+            candidates = [r for r in candidates if not self.kv.unpreemptable(r.request_id)]
+        if not candidates:
+            return None
         return max(candidates, key=lambda r: r.sort_key)
 
     def _preempt(self, request: Request) -> None:
@@ -424,10 +723,13 @@ class Scheduler:
                 )
             else:
                 self.cache.unreserve_context(context.context_id)
-        self.cache.free(request.request_id)
+        # DistFlow may still touch a disaggregated request's blocks: the connector then keeps them (never
+        # leaked: each hold ends on the runner side's report or on a deadline) and the scheduler frees them.
+        if self.kv is None or not self.kv.on_finish(request.request_id, self.clock()):
+            self.cache.free(request.request_id)
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
-        else:
+        elif request.status != RequestStatus.SENDING_KV:
             self.waiting.remove(request)
         if request.status != RequestStatus.WAITING:  # the executor has seen it
             self._forget.append(request.request_id)

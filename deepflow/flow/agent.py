@@ -388,6 +388,12 @@ class TransferAgent:
     def read(self, peer: str | PeerInfo, entries: Iterable[TransferEntry], **kw: Any) -> TransferHandle:
         return self.transfer(peer, entries, TransferOp.READ, **kw)
 
+    def link_state(self, name: str) -> LinkState | None:
+        """The state of the link to peer `name` (None: never linked, or dropped)."""
+        with self._lock:
+            link = self._links.get(name)
+        return None if link is None else link.state
+
     # -- lifetime ----------------------------------------------------------------------------------------
 
     def close(self) -> None:

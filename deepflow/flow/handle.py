@@ -49,6 +49,10 @@ class TransferHandle:
         self._event = threading.Event()
         self._state = TransferState.PENDING
         self._error: FlowError | None = None
+        # Threads of the link touching this transfer's local memory right now (a copy, a send, a receive).
+        # A handle fails at once when its link does, but a copy already running finishes after that: the
+        # owner of the memory may reuse it only once the handle is `quiescent`.
+        self._touching = 0
 
     @property
     def error(self) -> FlowError | None:
@@ -63,6 +67,17 @@ class TransferHandle:
     def done(self) -> bool:
         """True once completed, successfully or not (`wait` tells which)."""
         return self.poll() is not TransferState.PENDING
+
+    def quiescent(self) -> bool:
+        """Completed, and no thread of DistFlow will read or write this transfer's local memory again (a
+        failed transfer's copy may still be running when the handle fails): the memory may be reused."""
+        with self._lock:
+            return self._state is not TransferState.PENDING and self._touching == 0
+
+    def _touch(self, delta: int) -> None:
+        """The link's threads bracket every access to the local memory with +1 / -1."""
+        with self._lock:
+            self._touching += delta
 
     def wait(self, timeout: float) -> None:
         """Block until complete, at most `timeout` seconds (and never past the deadline). Returns on

@@ -230,43 +230,56 @@ class PeerLink:
             t = self._queue.get()
             if t is None:
                 break
-            if self._state is not LinkState.READY:
-                continue  # failed with the link already
             h = t.handle
-            request_cls = m.WriteRequest if h.op is TransferOp.WRITE else m.ReadRequest
+            # Marked busy before the state is checked: a failure after this point completes the handle
+            # but leaves it not `quiescent` until this copy or send has stopped touching the memory.
+            h._touch(1)
             try:
-                if t.in_place:  # one-sided: move the bytes here, then commit
-                    if self._mooncake is not None:
-                        engine, endpoint = self._mooncake
-                        engine.move(h.op is TransferOp.WRITE, endpoint, *paired_addresses(t.local, t.remote))  # type: ignore[arg-type]
-                    elif h.op is TransferOp.WRITE:
-                        copy_pieces(t.remote, t.local)  # type: ignore[arg-type]
-                    else:
-                        copy_pieces(t.local, t.remote)  # type: ignore[arg-type]
-                    req = request_cls(
-                        transfer_id=h.transfer_id,
-                        target_incarnation=self.info.incarnation,
-                        spans=t.spans,
-                        in_place=True,
-                        tag=t.tag,
-                    )
-                    self._sock.sendall(m.frame(req))
-                else:
-                    req = request_cls(
-                        transfer_id=h.transfer_id,
-                        target_incarnation=self.info.incarnation,
-                        spans=t.spans,
-                        in_place=False,
-                        tag=t.tag,
-                    )
-                    if h.op is TransferOp.WRITE:
-                        m.send_buffers(self._sock, [m.frame(req, h.nbytes), *m.views(t.local)])
-                    else:
-                        self._sock.sendall(m.frame(req))
-            except Exception as e:  # a socket error, or a bug: either way the link cannot go on
-                self._lost(e)
-                break
+                if self._state is not LinkState.READY:
+                    continue  # failed with the link already: its memory is never touched
+                if not self._send_one(t):
+                    break
+            finally:
+                h._touch(-1)
         # drain: whatever was queued behind the failure already failed with the link
+
+    def _send_one(self, t: PendingTransfer) -> bool:
+        """Move (in place) or send one transfer; False when the link failed doing so."""
+        h = t.handle
+        request_cls = m.WriteRequest if h.op is TransferOp.WRITE else m.ReadRequest
+        try:
+            if t.in_place:  # one-sided: move the bytes here, then commit
+                if self._mooncake is not None:
+                    engine, endpoint = self._mooncake
+                    engine.move(h.op is TransferOp.WRITE, endpoint, *paired_addresses(t.local, t.remote))  # type: ignore[arg-type]
+                elif h.op is TransferOp.WRITE:
+                    copy_pieces(t.remote, t.local)  # type: ignore[arg-type]
+                else:
+                    copy_pieces(t.local, t.remote)  # type: ignore[arg-type]
+                req = request_cls(
+                    transfer_id=h.transfer_id,
+                    target_incarnation=self.info.incarnation,
+                    spans=t.spans,
+                    in_place=True,
+                    tag=t.tag,
+                )
+                self._sock.sendall(m.frame(req))
+            else:
+                req = request_cls(
+                    transfer_id=h.transfer_id,
+                    target_incarnation=self.info.incarnation,
+                    spans=t.spans,
+                    in_place=False,
+                    tag=t.tag,
+                )
+                if h.op is TransferOp.WRITE:
+                    m.send_buffers(self._sock, [m.frame(req, h.nbytes), *m.views(t.local)])
+                else:
+                    self._sock.sendall(m.frame(req))
+        except Exception as e:  # a socket error, or a bug: either way the link cannot go on
+            self._lost(e)
+            return False
+        return True
 
     # -- reader ------------------------------------------------------------------------------------------
 
@@ -299,7 +312,11 @@ class PeerLink:
                         and payload_len == t.handle.nbytes
                         and t.handle.op is TransferOp.READ
                     ):
-                        m.recv_buffers(sock, m.views(t.local))
+                        t.handle._touch(1)
+                        try:
+                            m.recv_buffers(sock, m.views(t.local))
+                        finally:
+                            t.handle._touch(-1)
                     else:
                         m.drain(sock, payload_len)
                         if ack.error is None:

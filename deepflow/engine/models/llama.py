@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,7 +316,12 @@ class LlamaModel(nn.Module):
         self._layer_weights = weights
 
     def _layer_calls(
-        self, x: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata, call: VarlenCall
+        self,
+        x: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+        call: VarlenCall,
+        after_layer: Callable[[int], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         assert self._layer_weights is not None
         args, rotary = self.args, self.rotary
@@ -328,6 +334,8 @@ class LlamaModel(nn.Module):
                 meta.slot_mapping, call.block_tables, call.seq_lens, call.query_start_loc, args.num_heads,
                 args.num_kv_heads, args.head_dim, args.intermediate_size, attention.scale,
             )  # fmt: skip
+            if after_layer is not None:
+                after_layer(i)  # the op returned: this layer's K/V is in the cache (CPU ops are synchronous)
         return x, residual
 
     @torch.inference_mode()
@@ -337,7 +345,10 @@ class LlamaModel(nn.Module):
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
         logits_indices: torch.Tensor,
+        after_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
+        """`after_layer(i)` runs once layer i has written this step's K/V (the KV connector's by-layer sends,
+        on either path: the per-layer modules or the fused `deepflow::decoder_layer` calls)."""
         assert self.attention is not None, "load_model sets the attention backend"
         self.attention.prepare(meta)
         x = self.embed_tokens(input_ids)
@@ -345,11 +356,13 @@ class LlamaModel(nn.Module):
         if self._layer_weights is not None and x.shape[0] <= PackedLinear.SMALL_ROWS:
             call = self.attention.single_call(meta)
         if call is not None:
-            x, residual = self._layer_calls(x, kv_caches, meta, call)
+            x, residual = self._layer_calls(x, kv_caches, meta, call, after_layer)
         else:
             residual = None
-            for layer, kv_cache in zip(self.layers, kv_caches, strict=False):
+            for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=False)):
                 x, residual = layer(x, residual, self.attention, kv_cache, meta)
+                if after_layer is not None:
+                    after_layer(i)
         # Only the positions that sample pay for the final norm and the LM head.
         assert residual is not None
         x, _ = self.norm(x[logits_indices], residual[logits_indices])
