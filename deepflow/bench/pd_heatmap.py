@@ -11,9 +11,10 @@ the PD-aware router loads, and a PNG drawn like Figure 5: one panel per RPS and 
 diverging colours centred at 0, values in the cells; the title gives the stability across RPS.
 
 Fairness: the two deployments get the same prompts and the same arrival times for a cell, and are measured
-one after the other, cell by cell (drift hits both alike). Every cell and RPS draws its own prompts (an
-independent random stream), so no run finds another's prompts in a prefix cache. A few warm-up requests go
-to each deployment first (first-request costs are not the deployment's).
+one after the other, cell by cell, which one first alternating (drift and order effects cancel out). Every
+cell and RPS draws its own prompts (an independent random stream), so no run finds another's prompts in a
+prefix cache. A few warm-up requests go to each deployment first (first-request costs are not the
+deployment's).
 
 The default grid (2 prefill lengths × 3 ratios × 2 RPS × 8 requests × 2 deployments) runs in minutes on a
 2-core CPU with SmolLM2-135M; widen it with --prefill-lengths/--ratios/--rps on real hardware.
@@ -279,7 +280,8 @@ async def run_pd_heatmap(
                     prompts = _prompts(pool, config.num_prompts, prefill, config.seed, stream)
                     arrivals = _arrivals(config.num_prompts, rps, config.seed, stream + 1)
                     jct: dict[str, float | None] = {}
-                    for d in DEPLOYMENTS:
+                    # Alternate which deployment goes first, so drift and order effects cancel out.
+                    for d in DEPLOYMENTS if cell % 2 else DEPLOYMENTS[::-1]:
                         records = await _open_loop(clients[d], config, prompts, decode, arrivals, clock)
                         stats = RunStats.of(rps, prefill, ratio, decode, d, records)
                         runs.append(stats)
@@ -324,7 +326,10 @@ def plot_heatmap(heatmap: Heatmap, path: str | Path, title: str | None = None) -
     ]
     n_rows, n_cols = len(heatmap.prefill_lengths), len(heatmap.ratios)
     fig, axes = plt.subplots(
-        1, len(panels), figsize=(1.0 + (0.9 * n_cols + 1.2) * len(panels), 1.2 + 0.6 * n_rows), squeeze=False
+        1,
+        len(panels),
+        figsize=(max(4.0, 0.9 * n_cols + 1.8) * len(panels), 1.8 + 0.6 * n_rows),
+        squeeze=False,
     )
     for ax, (name, grid) in zip(axes[0], panels, strict=True):
         values = [[float("nan") if v is None else v for v in row] for row in grid]
@@ -352,7 +357,7 @@ def plot_heatmap(heatmap: Heatmap, path: str | Path, title: str | None = None) -
     stability = heatmap.stability()
     head = title or f"JCT_coloc / JCT_disagg - 1 ({heatmap.meta.get('model', 'model')})"
     sub = "" if stability is None else f"; sign stable across RPS in {stability:.0%} of cells"
-    fig.suptitle(f"{head}: > 0 disaggregated faster{sub}", fontsize=10)
+    fig.suptitle(f"{head}\n> 0: disaggregated faster, < 0: colocated faster{sub}", fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

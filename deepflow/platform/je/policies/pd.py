@@ -58,7 +58,10 @@ def load_heatmap(source: Heatmap | Mapping[str, Any] | str | Path | None) -> Hea
         return source
     if isinstance(source, Mapping):
         return Heatmap.from_dict(source)
-    return Heatmap.load(source)
+    try:
+        return Heatmap.load(source)
+    except OSError as exc:  # a ValueError, as for a malformed one: refused at config time with its reason
+        raise ValueError(f"cannot read the PD heatmap {str(source)!r}: {exc.strerror or exc}") from None
 
 
 def _policy(p: Policy | str | Mapping[str, Any] | None, default: Policy) -> Policy:

@@ -106,6 +106,11 @@ def test_registered_and_built_by_make_router(tmp_path: Path) -> None:
     assert r2.report()["policies"]["prefill"] == "locality"
     with pytest.raises(ValueError):
         make_router("pd_aware", make_policy("combined"), default_mode="sometimes")
+    with pytest.raises(ValueError, match="cannot read the PD heatmap"):
+        make_router("pd_aware", make_policy("combined"), heatmap=str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError):
+        make_router("pd_aware", make_policy("combined"), heatmap=str(tmp_path / "bad.json"))
 
 
 def test_heatmap_sign_picks_the_mode() -> None:
