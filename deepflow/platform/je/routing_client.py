@@ -997,9 +997,19 @@ class RoutingCoreClient:
         if transferred and out.finish_reason != FinishReason.ABORT:
             self._move_task(seq, leg.task, State.FINISHED)
             return
-        if seq.aborted or seq.phase == Phase.ENDED:
-            state = State.ABORTED if seq.aborted else State.FAILED
-            self._move_task(seq, leg.task, state, error=str(out.stop_reason) if out.stop_reason else None)
+        error = str(out.stop_reason) if out.stop_reason else None
+        if seq.aborted:
+            self._move_task(seq, leg.task, State.ABORTED, error=error)
+            return
+        if seq.phase == Phase.ENDED:
+            decode = seq.tasks.get(TERole.DECODE)
+            if decode is not None and decode.state == State.FINISHED:
+                # D decoded, so it had every byte (it never starts before): only P's confirmation failed.
+                self._move_task(
+                    seq, leg.task, State.FINISHED, error=f"{error} (after the decode TE finished)"
+                )
+            else:
+                self._move_task(seq, leg.task, State.FAILED, error=error)
             return
         if out.error_type is None or out.error_type in KV_ERRORS:
             what = out.error_type or "aborted"

@@ -543,3 +543,33 @@ def test_a_retry_with_no_pair_left_waits_for_the_restarted_te_within_a_bound() -
         c.group.shutdown()
 
     run(scenario)
+
+
+def test_a_first_token_arriving_with_the_prefill_s_end_and_a_late_failed_confirmation() -> None:
+    """By layer, P may finish (kv_transferred) in the output that carries its token: the token is streamed
+    and handed over, the sequence goes on at D. A P that reports its transfer failed after D decoded (D
+    never starts before every byte arrived) does not turn the answered request into a failure."""
+
+    async def scenario() -> None:
+        c = Cluster()
+        p, d = c.te["te-p0"], c.te["te-d0"]
+        for rid, p_end in (("a", "together"), ("b", "late_failure")):
+            c.group.add_request(request(rid))
+            d.sink(rid)
+            await c.outputs(1)
+            if p_end == "together":
+                p.token(rid, 7, finish=FinishReason.STOP, kv_transferred=True)
+            else:
+                p.token(rid, 7)
+            assert await c.outputs(1) == [(rid, [7], None)]  # not finished: D has the rest
+            assert d.sent[-1] == KVPrefilled(request_id=rid, first_token_id=7)
+            d.token(rid, 8, finish=FinishReason.STOP)
+            assert await c.outputs(1) == [(rid, [8], "stop")]
+            if p_end == "late_failure":
+                p.fail(rid, "kv_transfer")
+                await c.outputs(1)
+            assert c.state(rid) == "finished", c.tasks(rid)
+        assert c.router.observed == [("a", 2), ("b", 2)]
+        c.group.shutdown()
+
+    run(scenario)
