@@ -98,6 +98,11 @@ MAX_ATTEMPTS = 4
 # A retry that finds no TE able to take it (the only decode TE died: no pair is left) waits this long for
 # one to join — the cluster manager restarts a dead TE within seconds plus its model load — then fails.
 PARK_SECONDS = 120.0
+# The JE's own bound on a disaggregated sequence's hand-over (RESERVING, PREFILLING): the engines bound it
+# (KVConsume.timeout_s, KVProduce.lease_s); this backstop, past theirs, covers a TE that stays alive but
+# never answers. The sequence then fails over as if the leg's TE had failed.
+HANDOVER_SLACK_SECONDS = 15.0
+SWEEP_SECONDS = 1.0  # how often the bounds (parked, hand-over) are checked
 KV_ERRORS = frozenset(
     {"kv_timeout", "kv_transfer"}
 )  # a transfer failed: the route's fault, not the request's
@@ -156,6 +161,7 @@ class _Seq:
     tasks: dict[TERole, Task] = field(default_factory=dict)  # the current mode's tasks, by role
     legs: dict[TERole, _Leg] = field(default_factory=dict)  # the current attempt's legs, by role
     planned_prefill: str | None = None  # the prefill TE chosen with the route, sent once D's sink is back
+    handover_deadline: float | None = None  # RESERVING/PREFILLING must move on by then (JE clock)
     attempt: int = 0
     streamed: bool = False  # output reached the front end (a retry would repeat it, unless restartable)
     aborted: bool = False  # the front end aborted it: never retried
@@ -218,6 +224,7 @@ class RoutingCoreClient:
         self.mode_counts: Counter[str] = Counter()  # "mode/mode_reason" since start
         self._merged: asyncio.Queue[EngineCoreOutputs | BaseException] | None = None
         self._pumps: list[asyncio.Task[None]] = []
+        self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def tree(self) -> GlobalPromptTree:
@@ -450,7 +457,7 @@ class RoutingCoreClient:
                     consume = KVConsume(mode=self.kv_transfer.mode, timeout_s=self.kv_transfer.timeout_s)
                     self._send_leg(seq, TERole.DECODE, te, consume, len(seq.request.prompt_token_ids))
                     seq.planned_prefill = route.prefill.te_id
-                    seq.phase = Phase.RESERVING
+                    self._handover(seq, Phase.RESERVING)
                 return
             except EngineDeadError:
                 refused |= {te.te_id}
@@ -460,8 +467,6 @@ class RoutingCoreClient:
         seq.phase = Phase.PARKED
         if seq.request_id not in self._parked:
             self._parked[seq.request_id] = self._clock() + self.park_s
-            with contextlib.suppress(RuntimeError):  # no loop (a synchronous test): expire_parked by hand
-                asyncio.get_running_loop().call_later(self.park_s, self._publish_expired)
             logger.warning("request %s waits up to %.0f s for a TE to retry on", seq.request_id, self.park_s)
 
     def _unpark(self) -> None:
@@ -481,10 +486,40 @@ class RoutingCoreClient:
         if emitted:
             self._publish(EngineCoreOutputs(outputs=emitted))
 
-    def _publish_expired(self) -> None:
-        emitted = self.expire_parked()
-        if emitted:
-            self._publish(EngineCoreOutputs(outputs=emitted))
+    async def _sweep(self) -> None:
+        """Enforce the bounds the JE itself keeps: parked retries and stalled hand-overs."""
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            try:
+                emitted = self.expire_parked() + self.expire_stalled()
+            except Exception:  # the sweep must survive one bad record
+                logger.exception("could not check the routing bounds")
+                continue
+            if emitted:
+                self._publish(EngineCoreOutputs(outputs=emitted, stats=self._group_stats([])))
+
+    def expire_stalled(self) -> list[EngineCoreOutput]:
+        """Fail over the disaggregated sequences whose hand-over passed its bound; their final (or
+        restarted) outputs."""
+        now, emitted = self._clock(), []
+        for seq in list(self._seqs.values()):
+            if seq.phase not in (Phase.RESERVING, Phase.PREFILLING) or seq.handover_deadline is None:
+                continue
+            if now < seq.handover_deadline:
+                continue
+            role = TERole.DECODE if seq.phase == Phase.RESERVING else TERole.PREFILL
+            leg = seq.legs.get(role)
+            bound = self.kv_transfer.timeout_s + HANDOVER_SLACK_SECONDS
+            what = "its KV sink" if role == TERole.DECODE else "its first token"
+            seq.handover_deadline = None
+            self._fail(seq, leg.te if leg else None, role, f"sent no {what} within {bound:.0f} s", emitted,
+                       outcome="kv_timeout")  # fmt: skip
+        return emitted
+
+    def _handover(self, seq: _Seq, phase: Phase) -> None:
+        """Enter a hand-over phase, with the JE's bound on leaving it."""
+        seq.phase = phase
+        seq.handover_deadline = self._clock() + self.kv_transfer.timeout_s + HANDOVER_SLACK_SECONDS
 
     def expire_parked(self) -> list[EngineCoreOutput]:
         """End the parked sequences whose wait is over; returns their final outputs."""
@@ -596,7 +631,7 @@ class RoutingCoreClient:
                     seq.request.cache_salt, seq.request.prompt_token_ids
                 )
                 self._send_leg(seq, TERole.PREFILL, te, produce, matched.get(te.te_id, 0))
-                seq.phase = Phase.PREFILLING
+                self._handover(seq, Phase.PREFILLING)
                 return
             except EngineDeadError:
                 refused.add(te.te_id)
@@ -702,6 +737,7 @@ class RoutingCoreClient:
         if self._merged is None:
             self._merged = asyncio.Queue()
             self._pumps = [asyncio.create_task(self._pump(te)) for te in self.tes.values()]
+            self._sweeper = asyncio.create_task(self._sweep())
 
     async def _pump(self, te: _TE) -> None:
         assert self._merged is not None
@@ -983,6 +1019,7 @@ class RoutingCoreClient:
             first = {"new_token_ids": [token], "new_logprobs": out.new_logprobs[:1]}
             self._forward(seq, out, emitted, **first, finish_reason=None, stop_reason=None)
             seq.phase = Phase.DECODING
+            seq.handover_deadline = None
             decode = seq.legs.get(TERole.DECODE)
             if decode is not None and decode.live:
                 try:
@@ -1046,7 +1083,7 @@ class RoutingCoreClient:
         return any(not te.dead and te.client.is_alive() for te in self.tes.values())
 
     def shutdown(self) -> None:
-        for task in self._pumps:
+        for task in [*self._pumps, *([self._sweeper] if self._sweeper else [])]:
             task.cancel()
         for te in self.tes.values():
             with contextlib.suppress(Exception):

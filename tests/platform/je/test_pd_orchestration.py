@@ -573,3 +573,34 @@ def test_a_first_token_arriving_with_the_prefill_s_end_and_a_late_failed_confirm
         c.group.shutdown()
 
     run(scenario)
+
+
+def test_a_te_that_stays_alive_but_never_answers_is_bounded_by_the_je() -> None:
+    """The engines bound the hand-over themselves (KVConsume.timeout_s); the JE's own bound, past theirs,
+    covers a TE that never answers: the leg is aborted there and the sequence retried (another pair when
+    there is one)."""
+    from deepflow.platform.je.routing_client import HANDOVER_SLACK_SECONDS
+
+    async def scenario() -> None:
+        now = [0.0]
+        c = Cluster(prefill=2, decode=2, clock=lambda: now[0])
+        c.group.add_request(request("r"))
+        d_id = next(te for te in ("te-d0", "te-d1") if c.te[te].added)
+        now[0] = 5 + HANDOVER_SLACK_SECONDS - 1  # KVConsume.timeout_s = 5 in these tests
+        assert c.group.expire_stalled() == []
+        now[0] += 2
+        assert c.group.expire_stalled() == []  # retried silently: nothing had streamed
+        assert c.te[d_id].aborted == ["r"]
+        other_d = "te-d1" if d_id == "te-d0" else "te-d0"
+        assert [rid for rid, _ in c.te[other_d].added] == ["r@2"]
+        assert c.tasks("r")[1][2][0] == (d_id, "kv_timeout")
+        c.te[other_d].sink("r@2")
+        await c.outputs(1)
+        p_id = next(te for te in ("te-p0", "te-p1") if c.te[te].added)
+        now[0] += 5 + HANDOVER_SLACK_SECONDS + 1  # P never sends its first token either
+        assert c.group.expire_stalled() == []
+        assert c.te[p_id].aborted == ["r@2"] and c.te[other_d].aborted == ["r@2"]
+        assert c.tasks("r")[0][2][0] == (p_id, "kv_timeout")
+        c.group.shutdown()
+
+    run(scenario)
