@@ -5,6 +5,11 @@ each JE says Hello, then sends engine commands; outputs go back to the JE that s
 step's stats and cache-residency events go to every JE (each keeps a load view and a prompt tree). Every
 second it reports to the cluster manager who it is, where it listens and its load; the CM's StopTE (or
 SIGTERM, or the launcher going away) stops it after the current step.
+
+Prefill/decode disaggregation (engine/kv_transfer.py): a TE started with `kv_transfer` runs a DistFlow agent
+named after it; a KVConsume request answers at once with an output carrying its `KVSink` (to the JE that
+sent it), a KVProduce request streams its first token then finishes with `kv_transferred`, and the JEs'
+`KVPrefilled` commands go to the engine core like aborts. The KV itself never passes through here.
 """
 
 from __future__ import annotations
@@ -29,6 +34,18 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 1.0
 
 
+def _kv_agent_defaults(config: EngineConfig, te_id: str, address: str) -> None:
+    """A PD TE's DistFlow agent: named after the TE (peers and logs say which TE), and reachable where the
+    TE is — on loopback for a TE on loopback, else on every interface, advertised under the TE's host."""
+    if config.kv_agent_name is None:
+        config.kv_agent_name = te_id
+    host = address.rpartition("://")[2].rpartition(":")[0].strip("[]")
+    if config.kv_agent_host == "127.0.0.1" and host not in ("127.0.0.1", "localhost", "::1", ""):
+        config.kv_agent_host = "0.0.0.0"
+        if config.kv_agent_advertise is None:
+            config.kv_agent_advertise = host if host not in ("*", "0.0.0.0") else socket.gethostname()
+
+
 class TEShell:
     def __init__(
         self,
@@ -49,6 +66,8 @@ class TEShell:
         self._cm.setsockopt(zmq.LINGER, 0)
         self._cm.connect(cm_address)
         config.kv_events = True  # the JEs' prompt trees mirror this TE's cache
+        if config.kv_transfer:
+            _kv_agent_defaults(config, te_id, address)
         self.core = EngineCore(config)
         self._router = self._context.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted JE takes its identity back

@@ -83,7 +83,9 @@ class PDDriver:
             assert req.first_token is None and not req.tokens
             req.first_token = out.new_token_ids[0]
             req.tokens.append(req.first_token)
-            for o in self.d.kv_prefilled(KVPrefilled(request_id=req.request_id, first_token_id=req.first_token)):
+            for o in self.d.kv_prefilled(
+                KVPrefilled(request_id=req.request_id, first_token_id=req.first_token)
+            ):
                 self.on_d(o)
         if out.finish_reason is not None:
             req.p_final = out
@@ -101,8 +103,8 @@ class PDDriver:
         for _ in range(MAX_ROUNDS):
             if until is not None and until():
                 return
-            if until is None and all(r.done for r in self.requests.values()):
-                if not (self.p.has_work() or self.d.has_work()):
-                    return
+            idle = not (self.p.has_work() or self.d.has_work())
+            if until is None and idle and all(r.done for r in self.requests.values()):
+                return
             self.step()
         raise AssertionError("the PD pair made no progress")
