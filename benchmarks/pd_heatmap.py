@@ -6,9 +6,10 @@ Reproduce (writes benchmarks/results/pd_heatmap.json and .png, the numbers in do
 
 Full form:
 
-    python benchmarks/pd_heatmap.py [--tes 2] [--pd 1:1] [--prefill-lengths 128,512] [--ratios 0.0625,0.25,1]
-        [--rps 1,4] [--num-prompts 8] [--seed 0] [--model PATH] [--port 8320] [--kv-cache-memory 256MiB]
-        [--startup-timeout 300] [--out benchmarks/results/pd_heatmap] [--sequential]
+    python benchmarks/pd_heatmap.py [--tes 2] [--pd 1:1] [--prefill-lengths 128,512]
+        [--ratios 0.03125,0.125,0.5] [--rps 1,4] [--num-prompts 6] [--seed 0] [--model PATH] [--port 8320]
+        [--kv-cache-memory 256MiB] [--startup-timeout 300] [--out benchmarks/results/pd_heatmap]
+        [--sequential]
 
 Starts two servers on 127.0.0.1 — `deepflow serve --tes N` (colocated, port P) and `deepflow serve --pd
 P:D` (disaggregated, port P+1), the same model and the same total number of TEs by default (2 vs 1P+1D, as
@@ -60,7 +61,7 @@ def main() -> int:
     p.add_argument("--prefill-lengths", type=_csv(int), default=DEFAULT_PREFILL_LENGTHS)
     p.add_argument("--ratios", type=_csv(float), default=DEFAULT_RATIOS)
     p.add_argument("--rps", type=_csv(float), default=DEFAULT_RPS)
-    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--num-prompts", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="HF model folder (default: the embedded SmolLM2)")
     p.add_argument("--port", type=int, default=8320)

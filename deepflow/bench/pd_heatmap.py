@@ -16,7 +16,7 @@ cell and RPS draws its own prompts (an independent random stream), so no run fin
 prefix cache. A few warm-up requests go to each deployment first (first-request costs are not the
 deployment's).
 
-The default grid (2 prefill lengths × 3 ratios × 2 RPS × 8 requests × 2 deployments) runs in minutes on a
+The default grid (2 prefill lengths × 3 ratios × 2 RPS × 6 requests × 2 deployments) runs in minutes on a
 2-core CPU with SmolLM2-135M; widen it with --prefill-lengths/--ratios/--rps on real hardware.
 """
 
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 DEFAULT_PREFILL_LENGTHS = (128, 512)
-DEFAULT_RATIOS = (0.0625, 0.25, 1.0)
+DEFAULT_RATIOS = (0.03125, 0.125, 0.5)
 DEFAULT_RPS = (1.0, 4.0)
 DEPLOYMENTS = ("colocated", "disaggregated")
 _COMPLETIONS = "/v1/completions"
@@ -67,7 +67,7 @@ class PDHeatmapConfig:
     prefill_lengths: tuple[int, ...] = DEFAULT_PREFILL_LENGTHS
     ratios: tuple[float, ...] = DEFAULT_RATIOS
     rps: tuple[float, ...] = DEFAULT_RPS
-    num_prompts: int = 8  # requests per cell, RPS and deployment
+    num_prompts: int = 6  # requests per cell, RPS and deployment
     seed: int = 0
     tokenizer: str | None = None  # HF folder; None: the colocated server's /tokenize, else the embedded model
     api_key: str | None = None

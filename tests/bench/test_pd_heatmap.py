@@ -195,3 +195,15 @@ def test_cli_writes_json_and_png_over_real_sockets(
     assert (
         main(["pd-heatmap", "--colocated-url", "x", "--disaggregated-url", "http://b", "--model", "m"]) == 2
     )
+
+
+def test_cli_defaults_are_the_configs() -> None:
+    from deepflow.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["pd-heatmap", "--colocated-url", "http://a", "--disaggregated-url", "http://b", "--model", "m"]
+    )
+    default = PDHeatmapConfig("http://a", "http://b", "m")
+    assert tuple(args.prefill_lengths) == default.prefill_lengths and tuple(args.ratios) == default.ratios
+    assert tuple(args.rps) == default.rps and args.num_prompts == default.num_prompts
+    assert args.warmup == default.warmup and args.timeout == default.timeout
