@@ -128,6 +128,7 @@ class EngineCore:
         self._inflight: Future[ModelRunnerOutput] | None = None
         self._inflight_long = False  # the step in flight has more than async_max_step_tokens tokens
         self._idle = False  # the last step had nothing to run
+        self._shut = False
 
     @staticmethod
     def _kv_setup(config: EngineConfig) -> KVTransferSetup | None:
@@ -222,6 +223,10 @@ class EngineCore:
         return outputs
 
     def shutdown(self) -> None:
+        """Idempotent: a test (or a TE) that lost an engine may shut it down again."""
+        if self._shut:
+            return
+        self._shut = True
         if self._inflight is not None:
             self._inflight.result()
             self._inflight = None
