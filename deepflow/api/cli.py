@@ -156,8 +156,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--pd",
         default=None,
         metavar="P:D",
-        help="also serve each model disaggregated: P prefill and D decode TEs (e.g. 1:1), beside --tes "
-        "colocated ones when given",
+        help="serve each model disaggregated: P prefill and D decode TEs (e.g. 1:1); with --tes N too, N "
+        "colocated ones beside them, and --router decides per request (fixed prefers colocated unless "
+        "--router-param prefer=disaggregated|alternate)",
     )
     p.add_argument(
         "--router",
