@@ -298,7 +298,9 @@ class Scheduler:
                 match.host, match.pending = [], None  # the device part only: the rest comes from P
             namespace = match.namespace if match is not None else request.cache_salt
             prompt_len = len(request.prompt_token_ids)
-            table = self.cache.alloc_blocks(request.request_id, namespace, match, prompt_len)
+            # The first token's slot too: a request whose KV has arrived never waits for a block (a pool
+            # full of such requests, each one block short, would wait for one another until they time out).
+            table = self.cache.alloc_blocks(request.request_id, namespace, match, prompt_len + 1)
             if table is None:
                 break  # first come, first served
             local = self.cache.num_cached_tokens(request.request_id)
@@ -306,7 +308,7 @@ class Scheduler:
             assert local % bs == 0 and local < prompt_len
             request.num_computed_tokens = local
             request.num_cached_tokens = local
-            sink = kv.make_sink(request.request_id, table, local)
+            sink = kv.make_sink(request.request_id, table[: self.cache.blocks_for(prompt_len)], local)
             self._kv_outputs.append(
                 EngineCoreOutput(request_id=request.request_id, new_token_ids=[], kv_sink=sink)
             )
