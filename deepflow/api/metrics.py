@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -59,17 +59,63 @@ class EngineMetricsCollector(Collector):
         return list(families.values())
 
 
-class AcrossProcessesCollector(Collector):
-    """Every process's values from a multiprocess directory, except the TE-stats families, which come from
-    this process's engines (`own`)."""
+class RoutingCollector(Collector):
+    """How each model's job executor routes (`RoutingCoreClient.report()`, when the engine's client has one):
+    requests per serving mode and reason, and the router's decode-length predictor accuracy. This JE's own
+    figures: each JE routes the requests it accepted."""
 
-    def __init__(self, path: str, own: Collector) -> None:
+    def __init__(self, engines: Mapping[str, Any]) -> None:
+        self.engines = dict(engines)
+
+    def collect(self) -> Iterable[Metric]:
+        modes = CounterMetricFamily(
+            "deepflow:routing_decisions",
+            "Requests routed by this job executor, by serving mode and its reason",
+            labels=[MODEL_LABEL, "mode", "reason"],
+        )
+        accuracy = GaugeMetricFamily(
+            "deepflow:decode_length_predictor_accuracy",
+            "Share of the router's decode-length predictions within its tolerance (all scored; recent)",
+            labels=[MODEL_LABEL, "window"],
+        )
+        scored = CounterMetricFamily(
+            "deepflow:decode_length_predictions_scored",
+            "Decode-length predictions scored against the finished requests",
+            labels=[MODEL_LABEL],
+        )
+        for served_name, engine in self.engines.items():
+            report = getattr(getattr(engine, "client", None), "report", None)
+            if not callable(report):
+                continue
+            state = report()
+            for key, count in state.get("modes", {}).items():
+                mode, _, reason = key.partition("/")
+                modes.add_metric([served_name, mode, reason], count)
+            predictor = (state.get("router") or {}).get("predictor")
+            if isinstance(predictor, dict) and "scored" in predictor:
+                scored.add_metric([served_name], predictor["scored"])
+                for window, value in (
+                    ("all", predictor.get("accuracy")),
+                    ("recent", (predictor.get("recent") or {}).get("accuracy")),
+                ):
+                    if value is not None:
+                        accuracy.add_metric([served_name, window], value)
+        return [modes, accuracy, scored]
+
+
+class AcrossProcessesCollector(Collector):
+    """Every process's values from a multiprocess directory, except the TE-stats and routing families,
+    which come from this process (`own`)."""
+
+    def __init__(self, path: str, own: Collector, routing: Collector | None = None) -> None:
         self.path = path
         self.own = own
+        self.routing = routing
 
     def collect(self) -> Iterable[Metric]:
         shared = [f for f in MultiProcessCollector(None, self.path).collect() if f.name not in STATS_FAMILIES]
-        return shared + [f for f in self.own.collect() if f.name in STATS_FAMILIES]
+        mine = [f for f in self.own.collect() if f.name in STATS_FAMILIES]
+        return shared + mine + (list(self.routing.collect()) if self.routing is not None else [])
 
 
 class HTTPMetrics:
@@ -90,12 +136,16 @@ class HTTPMetrics:
         )
         self.engine_registry = CollectorRegistry(auto_describe=False)
         engine_collector = EngineMetricsCollector(engines or {})
+        routing_collector = RoutingCollector(engines or {})
         self.engine_registry.register(engine_collector)
+        self.engine_registry.register(routing_collector)
         self.shared_registry: CollectorRegistry | None = None
         shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if shared_dir:
             self.shared_registry = CollectorRegistry(auto_describe=False)
-            self.shared_registry.register(AcrossProcessesCollector(shared_dir, engine_collector))
+            self.shared_registry.register(
+                AcrossProcessesCollector(shared_dir, engine_collector, routing_collector)
+            )
 
     def observe(self, method: str, handler: str, status: int, seconds: float) -> None:
         self.requests.labels(method, handler, str(status)).inc()
