@@ -189,7 +189,9 @@ class EngineCore:
         kv_outputs = self.scheduler.take_kv_outputs()
         if self.kv_worker is not None and self._idle and not outputs and not kv_outputs:
             self.kv_worker.wait(KV_IDLE_WAIT_S)  # only transfers to wait for: no spinning
-        return kv_outputs + outputs if kv_outputs else outputs
+        # After the step's own outputs: a prefill request acknowledged while its first token was in flight
+        # ends here, after that token (an output after its request's final one would be dropped).
+        return outputs + kv_outputs if kv_outputs else outputs
 
     def _step(self) -> list[EngineCoreOutput]:
         self._idle = False

@@ -33,6 +33,32 @@ whole prompt's KV after the prefill, or each layer's as soon as it is written â€
 Aborts travel both ways: the JE aborts the request on both TEs (an abort of an unknown id is a no-op); P
 aborting mid-transfer fails D's wait at once (the request ends with error_type "kv_transfer"). Whatever
 path a request takes, every block it reserved on either side is freed exactly once.
+
+As implemented (engine/kv_connector/; additive to the above, no meaning changed):
+- the request: `EngineCoreRequest.kv_transfer` (KVConsume | KVProduce | None); a TE runs with
+  `EngineConfig.kv_transfer=True` (KV pool in /dev/shm, a DistFlow agent named `kv_agent_name`, the TE id).
+  A PD request has n=1 and no pinned context; on a TE without kv_transfer it is rejected ("invalid").
+- D's first output: `EngineCoreOutput(new_token_ids=[], kv_sink=KVSink(...))`, not finished, emitted by the
+  step after the AddRequest (or later, first come first served, if D's pool has no room yet; the timeout
+  runs from arrival either way). D reserves the prompt's blocks plus the first token's slot; `block_ids` are
+  the prompt's only. `num_local_tokens` is a whole-block hit on D's device tier (no partial block, no host
+  tier). `KVSink.sink_id` (new, optional) names the reservation: P tags its writes with it.
+- P's outputs: one with `new_token_ids=[first]` (never finished, whatever the token: D applies the stop
+  rules to it), then one with `new_token_ids=[]`, finish_reason "stop", `kv_transferred=True`. A failure:
+  finish_reason "abort", error_type "kv_transfer", the reason in `stop_reason`. Both may come in one batch.
+- D after `KVPrefilled`: outputs are the tokens after the first; if the first token alone ends the request
+  (EOS, a stop id, max_tokens=1) D's next output is the final one, with no tokens. A KVPrefilled for an id D
+  does not know, or before its sink, is ignored.
+- Completion on D: P's writes are tagged `kv:d:<seq>:<count>:<sink_id>` (count on the last only); D counts
+  them complete when it holds the last one and every one before it, so a write refused in the middle never
+  lets it decode. P aborting after it started sending writes one byte tagged `kv:a:...` into D's control
+  region (after its data writes on the same link), which fails D's wait at once.
+- Blocks: P never frees (or lets the RTC reuse) a block while a DistFlow thread may still copy out of it
+  (`TransferHandle.quiescent`), even past the lease, which makes a transfer's deadline the lease; P
+  requests with writes are never preempted. A D request that ends before every byte arrived keeps its
+  blocks in quarantine (`EngineConfig.kv_quarantine_s`, default 60 s) until P's last write or abort notice
+  arrives, so that bytes of a dead request never land in blocks another request reuses; meanwhile its id
+  is refused on D ("still in use").
 """
 
 from __future__ import annotations

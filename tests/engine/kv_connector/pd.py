@@ -68,6 +68,10 @@ class PDDriver:
                 )
             )
             return
+        assert req.d_final is None, "an output after the request's final one"
+        if out.new_token_ids:
+            # D decodes only after the first token came from P (and all its KV: checked by the output).
+            assert req.first_token is not None, "the decode side produced tokens before KVPrefilled"
         req.tokens.extend(out.new_token_ids)
         if out.finish_reason is not None:
             req.d_final = out
@@ -79,6 +83,7 @@ class PDDriver:
         if req is None:
             return
         req.p_outputs.append(out)
+        assert req.p_final is None, "an output after the request's final one"
         if out.new_token_ids:
             assert req.first_token is None and not req.tokens
             req.first_token = out.new_token_ids[0]

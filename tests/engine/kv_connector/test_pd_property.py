@@ -91,6 +91,13 @@ def world(tmp_path_factory):  # type: ignore[no-untyped-def]
     w.close()
 
 
+def phase(driver: PDDriver, rid: str) -> str:
+    """Where a request is, for the statistics: each side's connector state (or gone)."""
+    p = driver.p.scheduler.kv.producers.get(rid)  # type: ignore[union-attr]
+    d = driver.d.scheduler.kv.consumers.get(rid)  # type: ignore[union-attr]
+    return f"P {p.state.value if p else '-'} / D {d.state.value if d else '-'}"
+
+
 def run_actions(world: World, actions: list) -> None:  # type: ignore[type-arg]
     driver = PDDriver(world.p, world.d)
     ids: list[str] = []
@@ -112,6 +119,7 @@ def run_actions(world: World, actions: list) -> None:  # type: ignore[type-arg]
                 driver.step()
         elif kind in ("abort", "abort_p", "abort_d") and ids:
             rid = ids[act[1] % len(ids)]
+            event(f"{kind} while {phase(driver, rid)}")
             if kind in ("abort", "abort_p"):
                 for out in driver.p.abort([rid]):
                     driver.on_p(out)
