@@ -72,7 +72,11 @@ class TransferHandle:
         """Completed, and no thread of DistFlow will read or write this transfer's local memory again (a
         failed transfer's copy may still be running when the handle fails): the memory may be reused."""
         with self._lock:
-            return self._state is not TransferState.PENDING and self._touching == 0
+            # DONE: the peer acknowledged, so every byte already left (or reached) the local memory — the
+            # sender may not have stepped out of its bracket yet, but it touches nothing any more.
+            return self._state is TransferState.DONE or (
+                self._state is TransferState.FAILED and self._touching == 0
+            )
 
     def _touch(self, delta: int) -> None:
         """The link's threads bracket every access to the local memory with +1 / -1."""
