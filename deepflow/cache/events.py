@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import sys
+from array import array
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 
 import msgspec
 
 # ---------------------------------------------------------------------------------------------- hashing
+
+
+_BIG_ENDIAN = sys.byteorder == "big"
+assert array("q").itemsize == 8
 
 
 def _digest(data: bytes) -> int:
@@ -45,10 +51,23 @@ def iter_block_hashes(
     """
     if block_size < 1:
         raise ValueError("block_size must be >= 1")
-    pack = _block_struct(block_size).pack
     h = root_hash(namespace) if parent_hash is None else parent_hash
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        h = _digest(pack(h, *token_ids[start : start + block_size]))
+    step = 8 * block_size
+    end = len(token_ids) // block_size * step
+    if not end:
+        return
+    # The bytes `_block_struct` packs (the parent's u64, then the block's i64s, little-endian), with every
+    # token packed at once instead of one struct call per block: this runs for every block a TE caches and
+    # every prompt a JE routes.
+    tokens = array("q", token_ids[: end // 8])
+    if _BIG_ENDIAN:
+        tokens.byteswap()
+    data = tokens.tobytes()
+    blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+    for start in range(0, end, step):
+        h = from_bytes(
+            blake2b(h.to_bytes(8, "little") + data[start : start + step], digest_size=8).digest(), "little"
+        )
         yield h
 
 

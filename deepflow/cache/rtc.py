@@ -331,7 +331,10 @@ class RelationalTensorCache:
     def append_block(self, request_id: str, num_tokens: int) -> list[int] | None:
         """Grow a request's table to cover `num_tokens`; return the new block ids, or None (nothing taken)."""
         holding = self._holdings[request_id]
-        fresh = self._allocate_device(self.blocks_for(num_tokens) - len(holding.table))
+        count = -(-num_tokens // self.block_size) - len(holding.table)
+        if count <= 0:  # the common case (a decode inside its last block): nothing to take
+            return []
+        fresh = self._allocate_device(count)
         if fresh is None:
             return None
         holding.table.extend(fresh)
@@ -480,8 +483,10 @@ class RelationalTensorCache:
     def take_transfers(self) -> list[BlockTransfer]:
         """The copies emitted since the last call, in order; ends the scheduling pass."""
         transfers, self._transfers = self._transfers, []
-        self._run_targets = set()
-        self._uncomputed = set()
+        if self._run_targets:  # (a fresh set only when there was something: this runs every step)
+            self._run_targets = set()
+        if self._uncomputed:
+            self._uncomputed = set()
         return transfers
 
     def take_events(self) -> list[KVEvent]:

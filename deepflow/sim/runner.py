@@ -48,6 +48,10 @@ class PseudoTokens:
         self._bases.pop(request_id, None)
 
 
+def _not_decode(item: tuple[str, int]) -> bool:
+    return item[1] != 1
+
+
 class _State:
     __slots__ = ("computed", "known", "prompt_len")
 
@@ -94,17 +98,35 @@ class SimRunner:
         if out.total_num_scheduled_tokens:
             shape = StepShape()
             requests = self.requests
-            # Decodes first, as the real runner lays the batch out: the order of its sampled ids.
-            order = sorted(out.num_scheduled_tokens.items(), key=lambda item: item[1] != 1)
+            # Decodes first, as the real runner lays the batch out: the order of its sampled ids (a stable
+            # sort; skipped when the step is all decodes or all one prefill, the common cases).
+            scheduled = out.num_scheduled_tokens
+            order = scheduled.items()
+            if len(scheduled) > 1 and (
+                out.total_num_scheduled_tokens != len(scheduled) or min(scheduled.values()) != 1
+            ):
+                order = sorted(order, key=_not_decode)
             tokens = self.tokens
+            # StepShape.add inlined (per request per step).
+            num_tokens = 0
+            decode_context = prefill_attention = 0.0
             for request_id, num_new in order:
                 state = requests[request_id]
-                shape.add(state.computed, num_new)
-                state.computed += num_new
-                if state.computed == state.known:
+                start = state.computed
+                num_tokens += num_new
+                if num_new == 1:
+                    decode_context += (start + 1) / 1e3
+                else:
+                    prefill_attention += num_new * (start + (num_new + 1) / 2) / 1e3
+                state.computed = computed = start + num_new
+                if computed == state.known:
                     request_ids.append(request_id)
-                    sampled.append(tokens(request_id, state.known - state.prompt_len))
-                    state.known += 1
+                    sampled.append(tokens(request_id, computed - state.prompt_len))
+                    state.known = computed + 1
+            shape.tokens = num_tokens
+            shape.sequences = len(scheduled)
+            shape.decode_context = decode_context
+            shape.prefill_attention = prefill_attention
             seconds = profile.step_seconds(shape, copied)
         else:  # copies or forgets only: no model call
             seconds = max(copy_seconds, profile.min_step_seconds)

@@ -213,10 +213,13 @@ class SimTE:
         populate latencies are drained, as the engine loop does, so they do not pile up.)"""
         s = self.scheduler
         s.take_populate_latencies()
-        outstanding = sum(
-            max(r.num_tokens - r.num_computed_tokens, 0) + max(r.max_tokens - r.num_output_tokens, 0)
-            for r in s.requests.values()
-        )
+        # `Request.num_tokens` / `num_output_tokens` inlined: this runs after every step of every TE.
+        outstanding = 0
+        for r in s.requests.values():
+            outputs = len(r.output_token_ids) + r.num_pending_tokens
+            left = len(r.prompt_token_ids) + outputs - r.num_computed_tokens
+            budget = r.max_tokens - outputs
+            outstanding += (left if left > 0 else 0) + (budget if budget > 0 else 0)
         cache = self.cache
         return SchedulerStats(
             num_running=len(s.running),
