@@ -37,7 +37,7 @@ submit = st.tuples(
 )
 action = st.one_of(
     submit,
-    st.tuples(st.just("step"), st.integers(1, 12)),
+    st.tuples(st.just("step"), st.integers(1, 6)),
     st.tuples(st.sampled_from(["abort", "abort_p", "abort_d"]), st.integers(0, 20)),
     st.tuples(st.just("advance"), st.sampled_from([1.0, 10.0, 31.0, 61.0])),
     st.tuples(st.just("kill"), st.sampled_from(["p", "d"]), st.booleans()),
@@ -118,7 +118,10 @@ def run_actions(world: World, actions: list) -> None:  # type: ignore[type-arg]
             for _ in range(act[1]):
                 driver.step()
         elif kind in ("abort", "abort_p", "abort_d") and ids:
-            rid = ids[act[1] % len(ids)]
+            # Mostly a request still in flight (the phases that matter); now and then any, finished ones too.
+            live = [r for r in ids if not driver.requests[r].done]
+            pool = live if live and act[1] % 5 else ids
+            rid = pool[act[1] % len(pool)]
             event(f"{kind} while {phase(driver, rid)}")
             if kind in ("abort", "abort_p"):
                 for out in driver.p.abort([rid]):
@@ -153,6 +156,7 @@ def run_actions(world: World, actions: list) -> None:  # type: ignore[type-arg]
                     if je_aborts:
                         for out in driver.p.abort([rid]):
                             driver.on_p(out)
+        driver.step()  # the engines move between any two things the JE does
     # Drain: step until both engines are idle, letting every deadline pass when nothing else moves.
     for i in range(DRAIN_ROUNDS):
         if not (driver.p.has_work() or driver.d.has_work()):
