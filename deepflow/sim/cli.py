@@ -38,6 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--policy", default="combined", type=lambda s: s.replace("-", "_"), choices=POLICY_NAMES
     )
     cluster.add_argument(
+        "--policy-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a policy parameter (repeatable), e.g. hot_spot_factor=1e9 turns combined's hot-spot guard off",
+    )
+    cluster.add_argument(
         "--profile",
         type=Path,
         default=None,
@@ -71,6 +78,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         type=int,
         default=None,
         help="distinct shared prefixes (default: 8 for multi-turn, else 1)",
+    )
+    work.add_argument(
+        "--prefix-zipf",
+        type=float,
+        default=0.0,
+        help="prefix popularity: 0 uniform, s > 0 Zipf (the k-th prefix ~ 1/(k+1)^s)",
     )
     work.add_argument("--num-turns", type=int, default=4)
     work.add_argument("--think-time", type=float, default=0.0, help="seconds between a turn and the next")
@@ -119,6 +132,24 @@ def resolve_profile(profile: Path | None, model: str | None, dtype: str = "bfloa
     return None
 
 
+def parse_policy_params(items: list[str]) -> dict[str, object]:
+    """`KEY=VALUE` pairs; values are ints or floats where they parse as such."""
+    params: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--policy-param wants KEY=VALUE, not {item!r}")
+        parsed: object = value
+        for kind in (int, float):
+            try:
+                parsed = kind(value)
+                break
+            except ValueError:
+                continue
+        params[key.strip().replace("-", "_")] = parsed
+    return params
+
+
 def cmd_sim_run(args: argparse.Namespace) -> int:
     from deepflow.sim.costmodel import load_profile
     from deepflow.sim.report import format_report
@@ -153,6 +184,7 @@ def cmd_sim_run(args: argparse.Namespace) -> int:
             prefix_len=args.prefix_len,
             num_prefixes=args.num_prefixes or (8 if kind == "multi-turn" else 1),
             num_turns=args.num_turns,
+            prefix_zipf=args.prefix_zipf,
             think_time_s=args.think_time,
             seed=args.seed,
         )
@@ -173,6 +205,7 @@ def cmd_sim_run(args: argparse.Namespace) -> int:
     config = SimConfig(
         num_tes=args.tes,
         policy=args.policy,
+        policy_params=parse_policy_params(args.policy_param),
         engine=engine,
         profile=profile,
         drain_s=args.drain,

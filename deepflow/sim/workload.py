@@ -93,6 +93,9 @@ class WorkloadSpec:
     output_len: int = 128
     prefix_len: int = 1024  # shared-prefix: the shared prefix; multi-turn: each system prompt
     num_prefixes: int = 1  # distinct shared prefixes / system prompts (sessions pick one at random)
+    # Popularity of the prefixes: 0 picks them uniformly; s > 0 picks the k-th (from 0) with probability
+    # proportional to 1 / (k + 1)^s (Zipf), so a few prefixes draw most of the traffic (hot spots).
+    prefix_zipf: float = 0.0
     num_turns: int = 4
     think_time_s: float = 0.0
     seed: int = 0
@@ -105,6 +108,8 @@ class WorkloadSpec:
             raise ValueError("rate and duration must be > 0")
         if min(self.input_len, self.output_len, self.num_turns, self.num_prefixes) < 1 or self.prefix_len < 0:
             raise ValueError("input_len, output_len, num_turns, num_prefixes must be >= 1, prefix_len >= 0")
+        if self.prefix_zipf < 0:
+            raise ValueError("prefix_zipf must be >= 0")
 
     @property
     def turns_per_session(self) -> int:
@@ -120,6 +125,8 @@ class WorkloadSpec:
                 f"multi-turn {self.num_turns} turns of {self.input_len}, "
                 f"{self.num_prefixes} system prompts of {self.prefix_len}"
             )
+        if self.prefix_zipf:
+            shape += f" (prefixes Zipf s={self.prefix_zipf:g})"
         return (
             f"{shape}, output {self.output_len}; Poisson {self.rate:g} sessions/s for {self.duration_s:g} s"
         )
@@ -144,8 +151,16 @@ class Workload:
         picks = rng_for(spec.seed, 11)
         t = 0.0
         index = 0
+        weights = None
+        if spec.prefix_zipf:
+            ranks = [1.0 / (k + 1) ** spec.prefix_zipf for k in range(spec.num_prefixes)]
+            weights = [w / sum(ranks) for w in ranks]
         while t < spec.duration_s and (spec.max_sessions is None or index < spec.max_sessions):
-            yield self._session(index, t, int(picks.integers(0, spec.num_prefixes)))
+            if weights is None:  # (uniform: the draws of runs made before Zipf existed)
+                prefix = int(picks.integers(0, spec.num_prefixes))
+            else:
+                prefix = int(picks.choice(spec.num_prefixes, p=weights))
+            yield self._session(index, t, prefix)
             index += 1
             t += float(arrivals.exponential(1.0 / spec.rate))
 

@@ -31,6 +31,22 @@ def test_shared_prefix_sessions_share_their_prefix() -> None:
     assert len(prefixes) == 2 and all(len(s.turns[0].prompt) == 80 for s in sessions)
 
 
+def test_zipf_prefix_popularity_is_skewed_and_uniform_draws_are_unchanged() -> None:
+    base = dict(kind="shared-prefix", rate=50, duration_s=40, input_len=4, prefix_len=16, num_prefixes=8)
+    zipf = list(Workload(WorkloadSpec(**base, prefix_zipf=1.2)))
+    w = Workload(WorkloadSpec(**base, prefix_zipf=1.2))
+    counts = [0] * 8
+    for s in zipf:
+        counts[w.prefixes.index(s.turns[0].prompt[:16])] += 1
+    # p(k) ~ 1/(k+1)^1.2: the first prefix draws ~38%, the last ~3%.
+    assert counts[0] > 0.3 * len(zipf) and counts[0] > 4 * counts[7] and counts[0] > counts[1] > counts[3]
+    assert "Zipf s=1.2" in w.describe()
+    uniform = [s.turns[0].prompt for s in Workload(WorkloadSpec(**base))]
+    assert uniform == [s.turns[0].prompt for s in Workload(WorkloadSpec(**base, prefix_zipf=0.0))]
+    with pytest.raises(ValueError, match="prefix_zipf"):
+        WorkloadSpec(**base, prefix_zipf=-1.0).validate()
+
+
 def test_chat_prompt_holds_the_history() -> None:
     prompt = chat_prompt([5, 6], [([7], [8, 9])], [10])
     assert prompt[:3] == [IM_START, 9690, 198] and prompt.count(IM_START) == 5
