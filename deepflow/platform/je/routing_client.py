@@ -568,11 +568,11 @@ class RoutingCoreClient:
     ) -> _Leg:
         """Send one leg of the sequence to `te` (EngineDeadError when its socket refuses)."""
         request = seq.request
-        engine_id = (
-            request.request_id
-            if seq.attempt == 1 or role == TERole.COLOCATED
-            else (f"{request.request_id}@{seq.attempt}")
-        )
+        # A retry of a disaggregated sequence may land on the TE that had its last attempt (the survivor of
+        # a failed pair): a fresh id there, so nothing of the aborted attempt can be taken for it.
+        engine_id = request.request_id
+        if seq.attempt > 1 and role != TERole.COLOCATED:
+            engine_id = f"{request.request_id}@{seq.attempt}"
         sent = (
             request
             if engine_id == request.request_id
