@@ -776,13 +776,19 @@ class RoutingCoreClient:
             self._recreated(request_id, EngineCoreOutput(request_id=request_id, new_token_ids=[],
                                                          stop_reason=f"TE {te.te_id} died"))  # fmt: skip
         for engine_id in sorted(te.legs):
-            leg = te.legs.pop(engine_id)
-            if leg.live:
+            leg = te.legs.pop(engine_id, None)
+            if leg is not None and leg.live:
                 leg.live = False
                 try:
                     self._fail(leg.seq, te, leg.role, reason, emitted, dead=True)
-                except Exception:  # one sequence's failure must not strand the others
+                except Exception:  # one sequence's failure must not strand the others, nor its client
                     logger.exception("request %s: fail-over from TE %s failed", leg.seq.request_id, te.te_id)
+                    self._seqs.pop(leg.seq.request_id, None)
+                    emitted.append(
+                        EngineCoreOutput(request_id=leg.seq.request_id, new_token_ids=[],
+                                         finish_reason=FinishReason.ABORT,
+                                         stop_reason=f"task executor {te.te_id} failed: {reason}")
+                    )  # fmt: skip
         return EngineCoreOutputs(outputs=emitted, stats=self._group_stats([]))
 
     def _fail(
