@@ -598,7 +598,12 @@ class Scheduler:
                 break
             num_new = min(remaining, budget)
             namespace = match.namespace if match is not None else request.cache_salt
-            table = self.cache.alloc_blocks(request.request_id, namespace, match, cached + num_new)
+            # A prefill request (KVProduce) takes its whole prompt's blocks at once: it is never preempted
+            # once its writes may be reading them, so it must never need a block it cannot get.
+            whole = len(request.prompt_token_ids) if self._is_producer(request) else 0
+            table = self.cache.alloc_blocks(
+                request.request_id, namespace, match, max(cached + num_new, whole)
+            )
             if table is None and self._reclaim_populates(request):
                 # The failed allocation may have split nodes of the match: look it up again.
                 match = self._match(request)
@@ -606,7 +611,9 @@ class Scheduler:
                     break  # what it matched moved; it tries again next step, still first in line
                 cached = match.num_device_tokens if match is not None else 0
                 num_new = min(request.num_tokens - cached, budget)
-                table = self.cache.alloc_blocks(request.request_id, namespace, match, cached + num_new)
+                table = self.cache.alloc_blocks(
+                    request.request_id, namespace, match, max(cached + num_new, whole)
+                )
             if table is None:
                 break  # first come, first served: nobody behind it takes the blocks it waits for
             # The RTC's word, not the match's: it may give up a partial-block hit to find the blocks.
@@ -638,6 +645,9 @@ class Scheduler:
         for request in admitted:
             self.waiting.remove(request)
         return budget
+
+    def _is_producer(self, request: Request) -> bool:
+        return self.kv is not None and request.request_id in self.kv.producers
 
     def _match(self, request: Request) -> PrefixMatch | None:
         """The request's cached prefix, leaving out its last token (whose logits must be computed)."""

@@ -203,3 +203,20 @@ def test_prefill_lost_decode_times_out(folder: Path, make_engines) -> None:  # t
     step_until([decode], lambda: not decode.has_work())
     assert_clean(decode)
     assert req.d_final is None
+
+
+@pytest.mark.parametrize("mode", list(KVMode))
+def test_prefill_pool_pressure_completes_without_deadlines(folder: Path, make_engines, mode: KVMode) -> None:  # type: ignore[no-untyped-def]
+    """Prefill requests are never preempted once they run (their writes may read their blocks), so they take
+    their whole prompt's blocks on admission: a pool too small for all of them at once serves them in turn,
+    with no deadline passing (the clock never moves), instead of each holding part and waiting forever."""
+    clock = FakeClock()
+    (prefill,) = make_engines(folder, 1, clock=clock, max_num_batched_tokens=4, num_kv_blocks=24)
+    (decode,) = make_engines(folder, 1, clock=clock, num_kv_blocks=96)  # room for every reservation
+    driver = PDDriver(prefill, decode, mode)
+    for i in range(4):
+        driver.submit(f"r{i}", [5 + i, *range(20, 59)], PARAMS)  # 40 tokens: 10 of the 24 blocks each
+    driver.run()
+    for req in driver.requests.values():
+        assert req.p_final.kv_transferred and req.d_final.error_type is None, (req.p_final, req.d_final)
+    assert_clean(prefill, decode)
