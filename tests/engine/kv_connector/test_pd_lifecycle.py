@@ -220,3 +220,34 @@ def test_prefill_pool_pressure_completes_without_deadlines(folder: Path, make_en
     for req in driver.requests.values():
         assert req.p_final.kv_transferred and req.d_final.error_type is None, (req.p_final, req.d_final)
     assert_clean(prefill, decode)
+
+
+def test_a_sink_of_an_earlier_decode_incarnation_is_refused(folder: Path, make_engines) -> None:  # type: ignore[no-untyped-def]
+    """Stale peer metadata: a sink naming an incarnation the decode TE no longer is (it restarted) is never
+    written to; the prefill request fails with "kv_transfer" and frees everything."""
+    import msgspec
+
+    clock = FakeClock()
+    prefill, decode = make_engines(folder, 2, clock=clock)
+    prompt = list(range(5, 23))
+    decode.add_request(
+        EngineCoreRequest(
+            request_id="r", prompt_token_ids=prompt, sampling_params=PARAMS, kv_transfer=KVConsume()
+        )
+    )
+    outs: list = []
+    step_until([decode], lambda: bool(outs), outs)
+    stale = msgspec.structs.replace(outs[0].kv_sink, incarnation="0" * 16)
+    prefill.add_request(
+        EngineCoreRequest(
+            request_id="r", prompt_token_ids=prompt, sampling_params=PARAMS, kv_transfer=KVProduce(sink=stale)
+        )
+    )
+    p_outs: list = []
+    step_until([prefill], lambda: any(o.finish_reason for o in p_outs), p_outs)
+    final = next(o for o in p_outs if o.finish_reason)
+    assert final.error_type == "kv_transfer" and "restarted" in final.stop_reason
+    decode.abort(["r"])
+    clock.advance(61.0)  # its quarantine: nothing came
+    step_until([prefill, decode], lambda: not (prefill.has_work() or decode.has_work()))
+    assert_clean(prefill, decode)
