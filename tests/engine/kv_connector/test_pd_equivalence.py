@@ -121,6 +121,16 @@ def test_bf16_fused_layer_path_pd_matches_colocated(smollm2_dir: Path, make_engi
 
     if kernels.available("decoder_layer"):
         assert prefill.runner.model._layer_weights is not None, "the fused layer path should be in use"
+    hooked = []  # fused-path calls that carried the by-layer hook
+    model = prefill.runner.model
+    fused = model._layer_calls
+
+    def counting(x, kv_caches, meta, call, after_layer=None):  # type: ignore[no-untyped-def]
+        if after_layer is not None:
+            hooked.append(1)
+        return fused(x, kv_caches, meta, call, after_layer)
+
+    model._layer_calls = counting
     assert isinstance(colocated, EngineCore)
     ref = []
     for i, prompt in enumerate(prompts):
@@ -134,6 +144,8 @@ def test_bf16_fused_layer_path_pd_matches_colocated(smollm2_dir: Path, make_engi
             tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
     ref = [tokens[f"c{i}"] for i in range(len(prompts))]
     assert run_pd(prefill, decode, mode, prompts, "none", [], MAX_NEW) == ref
+    if mode is KVMode.BY_LAYER and kernels.available("decoder_layer"):
+        assert hooked, "by-layer sends should have run from the fused decoder_layer path"
 
 
 @pytest.mark.parametrize("mode", list(KVMode))
