@@ -54,6 +54,8 @@ class EngineConfig:
     kv_agent_host: str = "127.0.0.1"  # where the agent listens
     kv_agent_port: int = 0  # 0: a free port
     kv_agent_advertise: str | None = None  # the host peers connect to, when listening on 0.0.0.0
+    # How this engine's writes reach a decode TE: "auto" (shared memory on one host, else TCP), "tcp", "shm".
+    kv_backend: str = "auto"
     # How long a decode request that ended before all its KV arrived keeps its blocks (the prefill side may
     # still be writing into them): past any transfer deadline and prefill lease (both 30 s by default).
     kv_quarantine_s: float = 60.0

@@ -135,7 +135,9 @@ class EngineCore:
         if not config.kv_transfer:
             return None
         name = config.kv_agent_name or f"engine-{os.getpid()}-{secrets.token_hex(3)}"
-        return KVTransferSetup(name, config.kv_agent_host, config.kv_agent_port, config.kv_agent_advertise)
+        return KVTransferSetup(
+            name, config.kv_agent_host, config.kv_agent_port, config.kv_agent_advertise, config.kv_backend
+        )
 
     @property
     def kv_sink_address(self) -> str | None:

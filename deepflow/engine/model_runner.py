@@ -58,6 +58,7 @@ class KVTransferSetup:
     host: str = "127.0.0.1"
     port: int = 0
     advertise: str | None = None
+    backend: str = "auto"  # flow.Backend's value
 
 
 def kv_layout(model: LlamaModel, model_path: Path, dtype: torch.dtype, block_size: int):  # type: ignore[no-untyped-def]
@@ -126,6 +127,7 @@ class ModelRunner:
                 host=kv_transfer.host,
                 port=kv_transfer.port,
                 advertise=kv_transfer.advertise,
+                backend=kv_transfer.backend,
             )
         else:
             self.kv_caches = [

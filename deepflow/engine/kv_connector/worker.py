@@ -35,6 +35,7 @@ from deepflow.engine.kv_connector.base import (
 from deepflow.engine.kv_transfer import KVMode
 from deepflow.engine.request import KVProduceStart
 from deepflow.flow import (
+    Backend,
     FlowError,
     InboundTransfer,
     KVPoolLayout,
@@ -107,8 +108,10 @@ class KVConnectorWorker:
         host: str = "127.0.0.1",
         port: int = 0,
         advertise: str | None = None,
+        backend: str = "auto",
     ) -> None:
         self.pool = pool
+        self.backend = Backend(backend)
         self.block_size = layout.block_size
         self.num_layers = layout.num_layers
         self._lock = threading.Lock()
@@ -142,7 +145,7 @@ class KVConnectorWorker:
         sink = start.sink
         peer = self._peers.get(sink.agent_address)
         if peer is None or peer.incarnation != sink.incarnation or not self._link_ready(peer):
-            peer = self.agent.connect(sink.agent_address, timeout=CONNECT_TIMEOUT)
+            peer = self.agent.connect(sink.agent_address, backend=self.backend, timeout=CONNECT_TIMEOUT)
             self._peers[sink.agent_address] = peer
         if peer.incarnation != sink.incarnation:
             raise FlowError(

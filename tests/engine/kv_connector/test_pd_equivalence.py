@@ -89,6 +89,17 @@ def test_tiny_models_pd_match_hf(
     assert run_pd(prefill, decode, mode, prompts, hit, prefix, MAX_NEW) == expected
 
 
+@pytest.mark.parametrize("mode", list(KVMode))
+def test_tcp_backend_pd_matches_hf(tiny_model_dir: Path, make_engines, mode: KVMode) -> None:  # type: ignore[no-untyped-def]
+    """Across hosts the bytes go over DistFlow's TCP path (here forced on one host): same output."""
+    prefix, prompts = prompts_for(512, seed=4, prefix_len=10)
+    expected = hf_greedy(tiny_model_dir, prompts, MAX_NEW)
+    prefill, decode = make_engines(tiny_model_dir, 2, kv_backend="tcp", max_num_batched_tokens=16)
+    assert run_pd(prefill, decode, mode, prompts, "both", prefix, MAX_NEW) == expected
+    peer = prefill.kv_worker._peers[decode.kv_sink_address]  # type: ignore[union-attr]
+    assert peer.backend.value == "tcp"
+
+
 @pytest.mark.parametrize("backend", ["torch", "kernels"])
 @pytest.mark.parametrize("mode", list(KVMode))
 def test_each_backend_pd(tiny_model_dir: Path, make_engines, mode: KVMode, backend: str) -> None:  # type: ignore[no-untyped-def]
