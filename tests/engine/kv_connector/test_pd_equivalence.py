@@ -19,6 +19,9 @@ from tests.engine.kv_connector.conftest import assert_clean
 from tests.engine.kv_connector.pd import PDDriver
 from tests.engine.test_hf_equivalence import hf_greedy
 
+pytestmark = pytest.mark.slow  # engines on real models: `make test-fast` leaves this module out
+
+
 MAX_NEW = 8
 HITS = ["none", "prefill", "decode", "both"]  # which side already holds the prompts' shared prefix
 SETUPS = {

@@ -16,6 +16,9 @@ from deepflow.engine.sampling_params import SamplingParams
 from tests.engine.kv_connector.conftest import engine_config
 from tests.engine.test_hf_equivalence import hf_greedy, random_prompts
 
+pytestmark = pytest.mark.slow  # engines on real models: `make test-fast` leaves this module out
+
+
 MAX_NEW = 8
 OUTPUT_TIMEOUT_S = 60.0  # a hang guard per output batch
 

@@ -19,6 +19,9 @@ from deepflow.platform.te.shell import TEShell
 from tests.engine.kv_connector.conftest import engine_config
 from tests.engine.test_hf_equivalence import hf_greedy, random_prompts
 
+pytestmark = pytest.mark.slow  # engines on real models: `make test-fast` leaves this module out
+
+
 MAX_NEW = 6
 RECV_TIMEOUT_MS = 60_000  # a hang guard per message
 
