@@ -226,6 +226,11 @@ class SchedulerStats(msgspec.Struct, kw_only=True):
     host_blocks_evicted_total: int = 0  # blocks dropped from the host tier
     populate_latencies: list[float] = msgspec.field(default_factory=list)  # since the last stats
     pinned_context_tokens: int = 0
+    # Prefill/decode disaggregation: decode requests waiting for their KV, prefill requests waiting for the
+    # decode side's acknowledgements, and finished requests whose blocks DistFlow may still touch.
+    num_kv_waiting: int = 0
+    num_kv_sending: int = 0
+    num_kv_held: int = 0
 
 
 class EngineCoreOutputs(msgspec.Struct, kw_only=True, tag="outputs"):

@@ -354,6 +354,7 @@ class Scheduler:
         """Gauges and counters as they are now: a pure read, any caller, any number of times. Its
         `populate_latencies` is empty: those are drained once, by `step_stats`."""
         cache = self.cache.stats
+        kv = self.kv
         outstanding = sum(
             max(r.num_tokens - r.num_computed_tokens, 0) + max(r.max_tokens - r.num_output_tokens, 0)
             for r in self.requests.values()
@@ -370,6 +371,11 @@ class Scheduler:
             kv_blocks_evicted_total=cache.device_evicted_blocks,
             host_blocks_evicted_total=cache.host_evicted_blocks,
             pinned_context_tokens=self.cache.pinned_context_tokens(),
+            num_kv_waiting=sum(c.state is not ConsumerState.DECODING for c in kv.consumers.values())
+            if kv
+            else 0,
+            num_kv_sending=sum(p.state is ProducerState.SENDING for p in kv.producers.values()) if kv else 0,
+            num_kv_held=len(kv.holds) if kv else 0,
         )
 
     def take_populate_latencies(self) -> list[float]:

@@ -60,6 +60,7 @@ def test_decode_reserves_waits_then_runs_on_complete_kv_only() -> None:
     sink = sink_out.kv_sink
     assert sink is not None and len(sink.block_ids) == 5 and sink.num_local_tokens == 0 and sink.sink_id
     assert s.kv.consumers["d"].state is ConsumerState.WAITING  # type: ignore[union-attr]
+    assert s.stats().num_kv_waiting == 1 and s.stats().num_waiting == 1
     assert s.kv.take_new_sinks() == [sink.sink_id]  # type: ignore[union-attr]
     # The first token alone, or the bytes alone, do not start it.
     assert s.kv_prefilled(KVPrefilled(request_id="d", first_token_id=7)) == []
