@@ -209,3 +209,28 @@ def test_the_decode_group_scales_on_its_own(server: ServerProcess, http: httpx.C
         lambda: sum(te["state"] == "removed" for te in cluster(http)["tes"] if te["role"] == "decode") == 1,
         60,
     )
+
+
+def test_colocated_and_disaggregated_side_by_side(smollm2_dir: Path) -> None:
+    """`--tes 1 --pd 1:1`: one model, a colocated group beside the P/D pair; the router splits per request
+    (here alternating) and each job's tasks say which way it went."""
+    args = [*smollm2_args(smollm2_dir), "--tes", "1", "--pd", "1:1", "--jes", "1"]
+    server = start_server([*args, "--router-param", "prefer=alternate"])
+    try:
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=300) as http:
+            assert wait_for(lambda: all(te["state"] == "ready" for te in cluster(http)["tes"]), 180)
+            served: dict[str, list[str]] = {}
+            for i in range(4):
+                reply = http.post(
+                    "/v1/chat/completions", json=chat(server.model, f"Question {i}: which pier?")
+                )
+                assert reply.status_code == 200, reply.text
+                job = final_job(http, reply.json()["id"])
+                served.setdefault(reply.headers["x-deepflow-te"], []).append(
+                    "+".join(t["kind"] for t in job["tasks"])
+                )
+            assert served == {"te-0": ["colocated"] * 2, PAIR: ["prefill+decode"] * 2}, served
+            routing = cluster(http)["job_executor"]["routing"][server.model]
+            assert routing["modes"] == {"colocated/alternate": 2, "disaggregated/alternate": 2}
+    finally:
+        server.stop()
