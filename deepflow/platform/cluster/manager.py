@@ -350,7 +350,7 @@ class ClusterManager:
             self._changed()
         elif time.monotonic() - te.last_heartbeat > HEARTBEAT_TIMEOUT:
             te.kill()  # hung while draining: removed at the next check
-        elif not te.stop_sent and te.stats is not None and te.stats.num_running + te.stats.num_waiting == 0:
+        elif not te.stop_sent and te.stats is not None and _busy(te.stats) == 0:
             te.stop_sent = True
             if te.identity is not None:
                 self._send(te.identity, m.StopTE())
@@ -580,18 +580,28 @@ def _outstanding(s: SchedulerStats | None) -> int:
     return s.outstanding_tokens if s is not None else 0
 
 
+# A P/D TE's disaggregated work beside its running and waiting requests (where the engine reports it):
+# decode requests waiting for KV, prefill requests sending it, blocks a transfer may still touch.
+_KV_GAUGES = {"kv_waiting": "num_kv_waiting", "kv_sending": "num_kv_sending", "kv_held": "num_kv_held"}
+
+
+def _busy(s: SchedulerStats) -> int:
+    """Requests a draining TE still serves: it stops only when none is left (a prefill TE's blocks held for a
+    decode TE included, so no transfer is cut short)."""
+    return s.num_running + s.num_waiting + sum(getattr(s, field, 0) for field in _KV_GAUGES.values())
+
+
 def _load(s: SchedulerStats | None) -> dict[str, int] | None:
     if s is None:
         return None
-    return {"running": s.num_running, "waiting": s.num_waiting, "outstanding_tokens": s.outstanding_tokens}
+    load = {"running": s.num_running, "waiting": s.num_waiting, "outstanding_tokens": s.outstanding_tokens}
+    return load | {key: getattr(s, field, 0) for key, field in _KV_GAUGES.items()}
 
 
 def _sum_load(stats: list[SchedulerStats]) -> dict[str, int]:
-    return {
-        "running": sum(s.num_running for s in stats),
-        "waiting": sum(s.num_waiting for s in stats),
-        "outstanding_tokens": sum(s.outstanding_tokens for s in stats),
-    }
+    loads = [_load(s) or {} for s in stats]
+    keys = ["running", "waiting", "outstanding_tokens", *_KV_GAUGES]
+    return {key: sum(load.get(key, 0) for load in loads) for key in keys}
 
 
 def _hit_rate(stats: list[SchedulerStats]) -> float | None:

@@ -1118,7 +1118,21 @@ def _incarnation(te: _TE) -> int:
     return int(getattr(getattr(te.client, "info", None), "incarnation", 0))
 
 
-_GAUGES = ("num_running", "num_waiting", "outstanding_tokens", "pinned_context_tokens")
+# Summed over the live TEs (the PD ones where the engine reports them: requests waiting for KV, sending it,
+# holding blocks for a decode TE).
+_GAUGES = tuple(
+    name
+    for name in (
+        "num_running",
+        "num_waiting",
+        "outstanding_tokens",
+        "pinned_context_tokens",
+        "num_kv_waiting",
+        "num_kv_sending",
+        "num_kv_held",
+    )
+    if name in SchedulerStats.__struct_fields__
+)
 _COUNTERS = (
     "num_preemptions_total",
     "prefix_cache_queries_total",
