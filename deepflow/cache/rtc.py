@@ -352,17 +352,21 @@ class RelationalTensorCache:
             return
         tree = self.tree
         start = holding.node
-        if start is not None and start.device is not None and 0 < holding.node_blocks <= full:
+        resumed = start is not None and start.device is not None and 0 < holding.node_blocks <= full
+        if resumed:
             # Resume at the deepest locked node instead of matching the path again from the root: the path
             # above it is the request's own prefix, on the device (a device node's parent is), each node of
             # it matched in full, so a walk from the root would only touch each of them, root first. Do
-            # exactly that, so that the LRU order stays what the walk gives.
+            # exactly that (`tree.tick()` inlined), so that the LRU order stays what the walk gives.
             chain: list[Node] = []
             while start.parent is not None:
                 chain.append(start)
                 start = start.parent
+            clock = tree._clock
             for above in reversed(chain):
-                above.last_access = tree.tick()
+                clock += 1
+                above.last_access = clock
+            tree._clock = clock
             node = holding.node
             pos = holding.node_blocks
         else:
@@ -392,8 +396,17 @@ class RelationalTensorCache:
             child.last_access = tree.tick()
             node = child
             pos += used
-        tree.lock(node)
-        self._unlock(holding.node)
+        if resumed:
+            # `node` is at or below the old lock: locking it and unlocking the old one adds one to the nodes
+            # between them and leaves the rest of the path as it was (never at zero in between).
+            old = holding.node
+            below = node
+            while below is not old:
+                below.lock_ref += 1
+                below = below.parent
+        else:
+            tree.lock(node)
+            self._unlock(holding.node)
         holding.node = node
         holding.node_blocks = full
         holding.num_committed = full
