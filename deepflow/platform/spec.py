@@ -47,11 +47,6 @@ _SIZE_FIELDS = ("kv_cache_memory", "host_cache_memory")
 # TE ids by role: te-0, te-1 (colocated), te-p0 (prefill), te-d0 (decode); numbered across models.
 TE_ID_PREFIX = {TERole.COLOCATED: "te-", TERole.PREFILL: "te-p", TERole.DECODE: "te-d"}
 
-# The engine's KV-transfer switch (EngineConfig.kv_transfer, issue 12 part 2; its DistFlow agent named
-# after the TE): `ModelSpec.engine_for` is the one place the platform turns it on, for P and D TEs.
-KV_TRANSFER_SWITCH = "kv_transfer"
-KV_AGENT_NAME = "kv_agent_name"
-
 
 class KVTransferSpec(msgspec.Struct, kw_only=True, frozen=True):
     """How a model's disaggregated requests hand their KV over (engine/kv_transfer.py)."""
@@ -116,18 +111,12 @@ class ModelSpec(msgspec.Struct, kw_only=True):
         except (TypeError, ValueError) as exc:
             raise ValueError(f"model {self.name}: router {self.router!r}: {exc}") from None
 
-    def engine_for(self, role: TERole, te_id: str | None = None) -> EngineConfig:
-        """The engine config of one of the model's `role` TEs: P and D TEs have KV transfer on, their
-        DistFlow agent named after the TE."""
+    def engine_for(self, role: TERole) -> EngineConfig:
+        """The engine config of one of the model's `role` TEs: the one place the platform turns the engine's
+        KV transfer on, for P and D TEs (the TE shell names its DistFlow agent after the TE)."""
         if role == TERole.COLOCATED:
             return self.engine
-        fields = {f.name for f in dataclasses.fields(EngineConfig)}
-        if KV_TRANSFER_SWITCH not in fields:
-            return self.engine  # an engine without the connector yet: the TE serves, transfers fail
-        changes: dict[str, Any] = {KV_TRANSFER_SWITCH: True}
-        if te_id is not None and KV_AGENT_NAME in fields:
-            changes[KV_AGENT_NAME] = te_id
-        return dataclasses.replace(self.engine, **changes)
+        return dataclasses.replace(self.engine, kv_transfer=True)
 
 
 class ClusterSpec(msgspec.Struct, kw_only=True):

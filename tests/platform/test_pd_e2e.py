@@ -7,7 +7,6 @@ TE is left holding nothing. The decode group scales on its own."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import threading
@@ -18,15 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from deepflow.engine.config import EngineConfig
-from deepflow.platform.spec import KV_TRANSFER_SWITCH
 from tests.api.server_utils import AUTH, ServerProcess, smollm2_args, start_server, wait_for
 from tests.platform.test_platform_e2e import _stream_chat, chat, cluster, final_job
-
-pytestmark = pytest.mark.skipif(
-    KV_TRANSFER_SWITCH not in {f.name for f in dataclasses.fields(EngineConfig)},
-    reason="the engine's KV connector (EngineConfig.kv_transfer, issue 12 part 2) has not landed",
-)
 
 PAIR = "te-p0,te-d0"
 

@@ -249,7 +249,7 @@ class ClusterManager:
             taken = {t.cpu_slot for t in self.tes.values() if t is not te and t.row.state != TEStatus.REMOVED}
             te.cpu_slot = min(set(range(len(self.tes) + 1)) - taken)
         engine = dataclasses.replace(
-            te.spec.engine_for(te.role, te.row.te_id),  # P and D TEs: KV transfer on
+            te.spec.engine_for(te.role),  # P and D TEs: KV transfer on
             num_threads=threads,
             cpu_ids=te.spec.engine.cpu_ids or te_cpus(te.cpu_slot, threads, sorted(os.sched_getaffinity(0))),
             kv_events=True,
