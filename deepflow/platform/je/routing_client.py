@@ -24,7 +24,10 @@ released), then the sequence is retried on another route while nothing of it rea
 non-streaming request even after tokens: the front end is told to start over) and attempts remain, else it
 ends with an abort naming the TE. One exception: a prefill TE that dies after its first token reached the
 decode TE leaves the verdict to the decode TE — it may hold every byte already — whose wait is bounded by
-`KVConsume.timeout_s`.
+`KVConsume.timeout_s`. Every wait has a bound: the engines bound the hand-over themselves and the JE keeps
+its own backstop past theirs (`HANDOVER_SLACK_SECONDS`), a sequence is sent at most `MAX_ATTEMPTS` times,
+and a retry that finds no TE able to take it (the only decode TE died) waits at most `park_s` for the
+restarted one.
 
 Requests stay with their TEs: aborts go to every leg, a context lives on the colocated TE that computed it and
 requests naming it follow. Outputs of all TEs are merged into one stream; their scheduler stats are summed, so
