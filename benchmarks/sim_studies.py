@@ -230,7 +230,7 @@ def report(out: Path, tes: list[int]) -> None:
         fig.tight_layout()
         fig.savefig(IMG / "sim_hotspot_guard.png", dpi=100)
         plt.close(fig)
-    summary = {f"{k[0]}-{k[1]}": v for k, v in {**routing, **hot}.items()}
+    summary = {v["name"]: v for v in [*routing.values(), *hot.values()]}
     (IMG / "sim_studies.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
 
 
