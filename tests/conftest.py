@@ -19,6 +19,7 @@ SLOW_MODULES = {
     "test_embedded",
     "test_engine_lifecycle",
     "test_finetune_smollm2",
+    "test_fine_tuning_e2e",
     "test_jobs",
     "test_hf_equivalence",
     "test_llm_api",

@@ -394,7 +394,12 @@ def serve_standalone(args: argparse.Namespace, spec: Any) -> int:
         return 1
     except KeyboardInterrupt:  # Ctrl-C while the model loads: the engine process is a daemon and goes too
         return 130
-    app = build_app(engine, name, resolve_api_key(args), limits=spec.api)
+    from deepflow.api.fine_tuning import FineTuningService
+    from deepflow.weights.embedded import default_home
+
+    app = build_app(
+        engine, name, resolve_api_key(args), limits=spec.api, fine_tuning=FineTuningService(default_home())
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             app,

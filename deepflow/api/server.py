@@ -36,6 +36,7 @@ from deepflow.api.errors import (
     job_not_found,
     platform_unavailable,
 )
+from deepflow.api.fine_tuning import FineTuningService, fine_tuning_router
 from deepflow.api.limits import APILimits
 from deepflow.api.metrics import HTTPMetrics
 from deepflow.api.protocol import (
@@ -190,6 +191,7 @@ def build_app(
     platform: PlatformView | None = None,
     contexts: ContextRegistry | None = None,
     limits: APILimits | None = None,
+    fine_tuning: FineTuningService | None = None,
 ) -> FastAPI:
     """The app serving `models` (served name -> engine, the first the default for bodies without `model`),
     or one engine as `served_model_name`; every route but `/health` needs `api_key` when one is set
@@ -288,6 +290,11 @@ def build_app(
         except (TimeoutError, ConnectionError) as exc:
             raise platform_unavailable(str(exc) or type(exc).__name__) from exc
         return JSONResponse(view)
+
+    if fine_tuning is not None:  # /v1/files and /v1/fine_tuning/jobs, with their worker manager
+        v1.include_router(fine_tuning_router(fine_tuning, served, limits.max_body_bytes))
+        app.router.add_event_handler("startup", fine_tuning.start)
+        app.router.add_event_handler("shutdown", fine_tuning.stop)
 
     app.include_router(v1)
 

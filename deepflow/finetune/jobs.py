@@ -91,6 +91,9 @@ class FineTuneJob(msgspec.Struct, kw_only=True):
     trained_tokens: int | None = None
     error: dict[str, Any] | None = None
     cancel_requested: bool = False
+    worker_pid: int | None = None  # the worker process running it (its manager's claim); -1 while starting
+    worker_host: str | None = None
+    worker_restarts: int = 0  # workers that ended with the job unfinished (crashed or killed)
     stages: dict[Stage, StageRecord] = msgspec.field(
         default_factory=lambda: {s: StageRecord() for s in Stage}
     )

@@ -25,9 +25,11 @@ async def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from deepflow.api.contexts import SQLiteContextRegistry
+    from deepflow.api.fine_tuning import FineTuningService
     from deepflow.api.server import build_app
     from deepflow.platform.je.executor import JobExecutor
     from deepflow.platform.spec import ClusterSpec
+    from deepflow.weights.embedded import default_home
 
     spec = ClusterSpec.decode(args.spec)
     executor = JobExecutor(spec, args.je_id, args.run_dir)
@@ -40,6 +42,8 @@ async def serve(args: argparse.Namespace) -> int:
             api_key=os.environ.get("DEEPFLOW_API_KEY") or None,
             platform=executor,
             contexts=contexts,
+            # Files and fine-tuning jobs live under $DEEPFLOW_HOME, shared by the JEs (and their restarts).
+            fine_tuning=FineTuningService(default_home()),
         )
         server = uvicorn.Server(
             uvicorn.Config(
