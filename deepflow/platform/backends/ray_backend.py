@@ -139,4 +139,3 @@ class RayBackend:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.ray.shutdown()
-
