@@ -215,6 +215,7 @@ class Simulation:
                 prompt_token_ids=request.prompt_token_ids,
                 cache_salt=request.cache_salt,
                 expected_output_tokens=request.sampling_params.max_tokens,
+                ignore_eos=request.sampling_params.ignore_eos,
             ),
             GroupSnapshot(tes=loads, tree=self.tree),
         )

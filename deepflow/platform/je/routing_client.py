@@ -1105,6 +1105,7 @@ def _routing(request: EngineCoreRequest) -> RoutingRequest:
         prompt_token_ids=request.prompt_token_ids,
         cache_salt=request.cache_salt,
         expected_output_tokens=request.sampling_params.max_tokens,
+        ignore_eos=request.sampling_params.ignore_eos,  # the oracle predictor: max_tokens is the length
     )
 
 
