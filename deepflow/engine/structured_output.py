@@ -45,6 +45,8 @@ __all__ = [
 # a model that keeps choosing whitespace would otherwise never end its object (a known failure of
 # unbounded JSON grammars).
 MAX_WHITESPACE = 32
+_LOOSE_STRING_CHAR = r"[^\"\\\r\n]"  # as xgrammar prints it: any but quote, backslash, CR, LF
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\\r\n]"  # and no control character either
 
 
 class StructuredKind(enum.StrEnum):
@@ -138,18 +140,27 @@ class GrammarCompilerCache:
         try:
             if spec.kind is StructuredKind.JSON_OBJECT:
                 # Any object, with the same whitespace bound as schemas (the built-in JSON grammar has none).
-                return self._compiler.compile_json_schema(
-                    '{"type": "object"}', strict_mode=False, max_whitespace_cnt=MAX_WHITESPACE
-                )
+                return self._compile_json('{"type": "object"}', strict=False)
             if spec.kind is StructuredKind.JSON_SCHEMA:
-                return self._compiler.compile_json_schema(
-                    spec.spec, strict_mode=True, max_whitespace_cnt=MAX_WHITESPACE
-                )
+                return self._compile_json(spec.spec, strict=True)
             if spec.kind is StructuredKind.REGEX:
                 return self._compiler.compile_regex(spec.spec)
             return self._compiler.compile_grammar(spec.spec)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise StructuredOutputError(f"invalid {spec.kind.value}: {exc}") from None
+
+    def _compile_json(self, schema: str, *, strict: bool) -> Any:
+        """A JSON schema's grammar, with every string character class made JSON-legal.
+
+        xgrammar (0.2.9) writes length-bounded strings (`maxLength`) as `[^"\\\r\n]{0,n}`, which lets
+        control characters U+0000-U+001F through unescaped (a tab, say): `json.loads` refuses such output,
+        as RFC 8259 does. Its own unbounded string rule already excludes them, so the fix is to use that
+        class everywhere: the grammar is printed, the class rewritten, and the text compiled (found by the
+        random-schema property test)."""
+        grammar = self._xgr.Grammar.from_json_schema(
+            schema, strict_mode=strict, max_whitespace_cnt=MAX_WHITESPACE
+        )
+        return self._compiler.compile_grammar(str(grammar).replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR))
 
     def new_state(self, spec: StructuredSpec) -> GrammarState:
         return GrammarState(self._xgr.GrammarMatcher(self.compile(spec)))

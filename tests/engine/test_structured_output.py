@@ -12,7 +12,7 @@ import json
 import jsonschema_rs
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("xgrammar")
@@ -101,6 +101,25 @@ def test_regex(grammars, tok):
         assert text[:3] in ("yes", "no,") and text[-3:].isdigit()
 
 
+BOUNDED = {
+    "type": "object",
+    "properties": {"v": {"type": "string", "maxLength": 10}},
+    "required": ["v"],
+    "additionalProperties": False,
+}
+
+
+def test_no_control_character_inside_a_bounded_string(grammars):
+    """Regression (found by the property test below): xgrammar's maxLength strings let a raw tab or U+0001
+    through, which json.loads refuses; every string of a grammar we compile excludes U+0000-U+001F."""
+    for schema in (BOUNDED, {"type": "object"}):
+        kind = StructuredKind.JSON_SCHEMA if schema is BOUNDED else StructuredKind.JSON_OBJECT
+        spec = StructuredSpec(kind=kind, spec=json.dumps(schema))
+        for ch in ("\t", "\x01", "\x1f", "\x00"):
+            assert not grammars.new_state(spec)._m.accept_string('{"v": "a' + ch), repr(ch)
+        assert grammars.new_state(spec)._m.accept_string('{"v": "a\u00e9')
+
+
 def test_bad_specs_are_the_clients_error(grammars):
     with pytest.raises(StructuredOutputError):
         grammars.compile(StructuredSpec(kind=StructuredKind.JSON_SCHEMA, spec="{not json"))
@@ -156,6 +175,9 @@ schemas = st.recursive(
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(schema=schemas, seed=st.integers(0, 2**31 - 1))
+@example(schema=BOUNDED, seed=0)  # a bounded string: xgrammar let control characters into it
+@example(schema={"type": "object", "properties": {"v": {"type": "string", "maxLength": 8}}, "required": ["v"],
+                 "additionalProperties": False}, seed=7)  # fmt: skip
 def test_random_schemas_always_parse_and_validate(grammars, tok, schema, seed):
     spec = StructuredSpec(kind=StructuredKind.JSON_SCHEMA, spec=json.dumps(schema))
     validator = jsonschema_rs.validator_for(schema)
