@@ -181,6 +181,16 @@ class Scheduler:
         """Blocks held past their request's end, for DistFlow: the loop must keep polling the runner."""
         return self.kv is not None and self.kv.has_work()
 
+    def _end_quarantine(self, request_id: str) -> bool:
+        """A quarantined request's blocks go back once the prefill side is known to be done with them
+        (its last write or its abort notice arrived): True if it was quarantined."""
+        hold = self.kv.holds.get(request_id)
+        if hold is None or hold.kind is not HoldKind.QUARANTINE:
+            return False
+        self.kv.release(request_id)
+        self.cache.free(request_id)
+        return True
+
     def update_kv_connector_output(self, out: KVConnectorOutput) -> None:
         """Fold in what the runner side saw: prefill sends done or failed, decode sinks complete or
         abandoned by their prefill side."""
@@ -210,20 +220,15 @@ class Scheduler:
             request_id = kv.sink_request(sink_id)
             if request_id is None:
                 continue
-            hold = kv.holds.get(request_id)
-            if hold is not None and hold.kind is HoldKind.QUARANTINE:
-                kv.release(request_id)
-                self.cache.free(request_id)
-            elif (consumer := kv.consumers.get(request_id)) is not None:
+            if self._end_quarantine(request_id):
+                continue
+            if (consumer := kv.consumers.get(request_id)) is not None:
                 consumer.received = True
         for sink_id in out.peer_aborted:
             request_id = kv.sink_request(sink_id)
             if request_id is None:
                 continue
-            hold = kv.holds.get(request_id)
-            if hold is not None and hold.kind is HoldKind.QUARANTINE:
-                kv.release(request_id)
-                self.cache.free(request_id)
+            if self._end_quarantine(request_id):
                 continue
             consumer = kv.consumers.get(request_id)
             request = self.requests.get(request_id)
